@@ -1,0 +1,136 @@
+"""Token specs: which tokens of which layers the probe attends over (SPEC §1, §3).
+
+A spec turns L layer activations (B, T_l, D) into N gathered tokens:
+
+    "cls"     N = L       the CLS token (row 0) of each layer
+    "ap"      N = L       the average of rows num_prefix_tokens.. of each layer
+    "cls+ap"  N = 2L      the paper's order: cls_0, ap_0, cls_1, ap_1, ...
+    "all"     N = sum T_l every row of every layer, layer after layer
+
+A (B, N, D) token tensor is the one-layer "all" case. Validation lives here so every backend
+sees inputs that are already known to be well formed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+TOKEN_SPECS = ("cls", "ap", "cls+ap", "all")
+DEFAULT_LAYER_SPEC = "cls+ap"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def num_gathered_tokens(layer_lengths: Sequence[int], tokens: str) -> int:
+    """N for layers of the given lengths T_l under a token spec."""
+    if tokens == "all":
+        return int(sum(layer_lengths))
+    per_layer = 2 if tokens == "cls+ap" else 1
+    return per_layer * len(layer_lengths)
+
+
+def _check_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {value.dtype}"
+        )
+    if value.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape (batch, tokens, dim), got {value.dim()} dimensions "
+            f"with shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def normalize_inputs(x, tokens, num_prefix_tokens) -> tuple[tuple[torch.Tensor, ...], str, int]:
+    """Validate the user's input form and return (layers, tokens, num_prefix_tokens).
+
+    ``x`` is a (B, N, D) tensor (then ``tokens`` must be None) or a list/tuple of layer
+    activations (B, T_l, D) sharing B, D, dtype and device.
+    """
+    if isinstance(x, torch.Tensor):
+        if tokens is not None:
+            raise ValueError(
+                "tokens must be None when x is a (batch, tokens, dim) tensor; token specs "
+                f"{TOKEN_SPECS} apply to a list of layer activations (got tokens={tokens!r})"
+            )
+        return (_check_tensor(x, "x"),), "all", 0
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(
+            "x must be a (batch, tokens, dim) tensor or a list/tuple of layer activations, "
+            f"got {type(x).__name__}"
+        )
+    if len(x) == 0:
+        raise ValueError("x is an empty list of layers: expected at least one (batch, tokens, dim) tensor")
+    tokens = DEFAULT_LAYER_SPEC if tokens is None else tokens
+    if not isinstance(tokens, str) or tokens not in TOKEN_SPECS:
+        raise ValueError(f"tokens must be one of {TOKEN_SPECS}, got {tokens!r}")
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    layers = tuple(_check_tensor(layer, f"x[{i}]") for i, layer in enumerate(x))
+    first = layers[0]
+    for i, layer in enumerate(layers[1:], start=1):
+        if layer.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"x[{i}] has batch size {layer.shape[0]} but x[0] has {first.shape[0]}: "
+                "all layers must share the batch size"
+            )
+        if layer.shape[2] != first.shape[2]:
+            raise ValueError(
+                f"x[{i}] has feature size {layer.shape[2]} but x[0] has {first.shape[2]}: "
+                "all layers must share the feature size"
+            )
+        if layer.dtype != first.dtype:
+            raise TypeError(f"x[{i}] has dtype {layer.dtype} but x[0] has {first.dtype}")
+        if layer.device != first.device:
+            raise ValueError(f"x[{i}] is on {layer.device} but x[0] is on {first.device}")
+    for i, layer in enumerate(layers):
+        length = layer.shape[1]
+        if tokens in ("cls", "cls+ap") and length < 1:
+            raise ValueError(f"x[{i}] has no tokens: token spec {tokens!r} needs a CLS token")
+        if tokens in ("ap", "cls+ap") and num_prefix_tokens >= length:
+            raise ValueError(
+                f"num_prefix_tokens={num_prefix_tokens} must be smaller than the number of "
+                f"tokens of x[{i}] ({length}): token spec {tokens!r} averages the tokens after "
+                "the prefix"
+            )
+    return layers, tokens, num_prefix_tokens
+
+
+def gather_tokens(layers, tokens: str, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (B, N, D) stack of gathered tokens, in ``dtype`` (the unfused statement)."""
+    layers = [layer.to(dtype) for layer in layers]
+    if tokens == "all":
+        return torch.cat(layers, dim=1)
+    columns = []
+    for layer in layers:
+        if tokens in ("cls", "cls+ap"):
+            columns.append(layer[:, 0])
+        if tokens in ("ap", "cls+ap"):
+            columns.append(layer[:, num_prefix_tokens:].mean(dim=1))
+    return torch.stack(columns, dim=1)
+
+
+def scatter_token_grads(grad_tokens: torch.Tensor, layers, tokens: str, num_prefix_tokens: int):
+    """Adjoint of :func:`gather_tokens`: d tokens (B, N, D) -> one gradient per layer."""
+    if tokens == "all":
+        parts = grad_tokens.split([layer.shape[1] for layer in layers], dim=1)
+        return [part.to(layer.dtype).contiguous() for part, layer in zip(parts, layers)]
+    per_layer = 2 if tokens == "cls+ap" else 1
+    grads = []
+    for index, layer in enumerate(layers):
+        grad = torch.zeros(layer.shape, dtype=grad_tokens.dtype, device=grad_tokens.device)
+        column = index * per_layer
+        if tokens in ("cls", "cls+ap"):
+            grad[:, 0] = grad_tokens[:, column]
+            column += 1
+        if tokens in ("ap", "cls+ap"):
+            patches = layer.shape[1] - num_prefix_tokens
+            grad[:, num_prefix_tokens:] += (grad_tokens[:, column] / patches).unsqueeze(1)
+        grads.append(grad.to(layer.dtype))
+    return grads

@@ -1,0 +1,134 @@
+"""AttentiveFusion: the paper's probe (SPEC §1) computed in folded form (SPEC §2).
+
+The parameters carry the paper's names and shapes, so its checkpoints load with strict=True
+and this module's state_dict loads into the paper's probe. At every forward the learned query
+is folded into H key vectors ``w_h`` (a few (H, D) products), the fused op pools the tokens,
+and the value and output projections run on the (B, H, D) pooled result.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gather import gather_tokens, normalize_inputs
+from .ops import attentive_pool
+
+
+class _CrossAttention(nn.Module):
+    """Holds the paper's projection parameters under their state_dict names."""
+
+    def __init__(self, dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop):
+        super().__init__()
+        inner = num_heads * head_dim
+        self.q = nn.Linear(dim, inner, bias=False)
+        self.k = nn.Linear(dim, inner, bias=False)
+        self.v = nn.Linear(dim, inner, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(inner))
+            self.v_bias = nn.Parameter(torch.zeros(inner))
+        else:
+            self.register_parameter("q_bias", None)
+            self.register_parameter("v_bias", None)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+
+class _AttentiveBlock(nn.Module):
+    def __init__(self, dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_k = nn.LayerNorm(dim)
+        self.norm_v = nn.LayerNorm(dim)
+        self.cross_attn = _CrossAttention(dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop)
+
+
+class AttentiveFusion(nn.Module):
+    """Attentive probe over tokens or over the CLS/AP tokens of many layers.
+
+    Args:
+        dim: feature size D of the tokens.
+        num_heads: attention heads H.
+        num_classes: classifier outputs.
+        head_dim: per-head size; default ``2 * (dim // num_heads)`` as in the paper.
+        qkv_bias: learn q and v biases (the paper's ``q_bias`` / ``v_bias``; k has none).
+        attn_drop, proj_drop: dropout on the attention weights and on the projected output.
+        backend: fused-op backend, see :func:`fastfuse.attentive_pool`; None reads
+            $FASTFUSE_BACKEND, else "auto".
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_classes: int, *, head_dim: Optional[int] = None,
+                 qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 backend: Optional[str] = None):
+        super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        head_dim = 2 * (dim // num_heads) if head_dim is None else head_dim
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int (default 2 * (dim // num_heads)), got {head_dim!r}")
+        from .backends import requested_name
+        if backend is not None:
+            requested_name(backend)  # fail at construction on an unknown name
+        self.dim, self.num_heads, self.head_dim, self.num_classes = dim, num_heads, head_dim, num_classes
+        self.scale = head_dim ** -0.5
+        self.backend = backend
+        self.query_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attn_block = _AttentiveBlock(dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop)
+        self.bn = nn.BatchNorm1d(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def score_weight(self) -> torch.Tensor:
+        """The H folded key vectors ``w_h = scale * gamma_k * (W_k,h^T q_h)`` (SPEC §2), (H, D)."""
+        block, attn = self.attn_block, self.attn_block.cross_attn
+        query = F.layer_norm(self.query_token.reshape(1, self.dim), (self.dim,),
+                             block.norm_q.weight, block.norm_q.bias, block.norm_q.eps)
+        query = F.linear(query, attn.q.weight, attn.q_bias).reshape(self.num_heads, self.head_dim)
+        keys = attn.k.weight.reshape(self.num_heads, self.head_dim, self.dim)
+        weight = torch.einsum("he,hed->hd", query, keys) * (self.scale * block.norm_k.weight)
+        # beta_k shifts every score of a head equally, so softmax drops it (SPEC §2). Adding it
+        # times zero keeps its gradient an exact zero instead of None, so optimizers (weight
+        # decay, moment updates) treat the parameter exactly as they do in the paper's probe.
+        return weight + 0.0 * block.norm_k.bias
+
+    def forward(self, x, *, tokens: Optional[str] = None, num_prefix_tokens: int = 1,
+                return_attention: bool = False):
+        layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
+        if layers[0].shape[-1] != self.dim:
+            raise ValueError(f"x has feature size {layers[0].shape[-1]} but the probe was built "
+                             f"with dim={self.dim}")
+        block, attn = self.attn_block, self.attn_block.cross_attn
+        weight = self.score_weight()
+        pooled, attention = attentive_pool(list(layers), weight, tokens=tokens,
+                                           num_prefix_tokens=num_prefix_tokens,
+                                           eps=block.norm_k.eps, backend=self.backend)
+        param_dtype = weight.dtype
+        if self.training and attn.attn_drop.p > 0:
+            # Dropped weights no longer sum to 1: pool the normalised tokens with them
+            # explicitly and carry their per-head sums into the value bias terms.
+            dropped = attn.attn_drop(attention)
+            normed = F.layer_norm(gather_tokens(layers, tokens, num_prefix_tokens, attention.dtype),
+                                  (self.dim,), eps=block.norm_v.eps)
+            pooled = torch.einsum("bhn,bnd->bhd", dropped, normed)
+            weight_sums = dropped.sum(dim=-1, keepdim=True).to(param_dtype)
+        else:
+            weight_sums = None
+        pooled = pooled.to(param_dtype)
+        # u_h = gamma_v * z_h + beta_v * sum_n a_hn, then per-head W_v (SPEC §2).
+        values_in = pooled * block.norm_v.weight
+        values_in = values_in + (block.norm_v.bias if weight_sums is None else block.norm_v.bias * weight_sums)
+        value_weight = attn.v.weight.reshape(self.num_heads, self.head_dim, self.dim)
+        values = torch.einsum("bhd,hed->bhe", values_in, value_weight)
+        if attn.v_bias is not None:
+            bias = attn.v_bias.reshape(self.num_heads, self.head_dim)
+            values = values + (bias if weight_sums is None else bias * weight_sums)
+        out = attn.proj_drop(attn.proj(values.flatten(1)))
+        logits = self.classifier(self.bn(out))
+        return (logits, attention) if return_attention else logits
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"num_classes={self.num_classes}, backend={self.backend!r}")

@@ -1,0 +1,116 @@
+"""The fused op as a PyTorch custom op: ``fastfuse::attentive_pool`` and its backward.
+
+The op takes the already-resolved backend name, so one registration (schema, fake kernel,
+autograd) serves every backend and torch.compile sees a single opaque node whose backward is
+another op. Input checking happens in :func:`attentive_pool`, before any kernel runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import get as _get_backend, resolve as _resolve_backend
+from .backends.compiled_ops import compute_dtype, fake_backward, fake_forward
+from .gather import normalize_inputs
+
+
+@torch.library.custom_op("fastfuse::attentive_pool", mutates_args=())
+def _attentive_pool_op(layers: Sequence[Tensor], score_weight: Tensor, tokens: str,
+                       num_prefix_tokens: int, eps: float, backend: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_get_backend(backend).forward(layers, score_weight, tokens, num_prefix_tokens, eps))
+
+
+@_attentive_pool_op.register_fake
+def _(layers, score_weight, tokens, num_prefix_tokens, eps, backend):
+    return fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps)
+
+
+@torch.library.custom_op("fastfuse::attentive_pool_backward", mutates_args=())
+def _attentive_pool_backward_op(grad_pooled: Tensor, grad_attention: Optional[Tensor],
+                                layers: Sequence[Tensor], score_weight: Tensor, pooled: Tensor,
+                                attention: Tensor, mean: Tensor, rstd: Tensor, tokens: str,
+                                num_prefix_tokens: int, backend: str
+                                ) -> tuple[list[Tensor], Tensor]:
+    grad_layers, grad_weight = _get_backend(backend).backward(
+        grad_pooled.contiguous(), None if grad_attention is None else grad_attention.contiguous(),
+        layers, score_weight, pooled, attention, mean, rstd, tokens, num_prefix_tokens)
+    return list(grad_layers), grad_weight
+
+
+@_attentive_pool_backward_op.register_fake
+def _(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd, tokens,
+      num_prefix_tokens, backend):
+    return fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
+                         mean, rstd, tokens, num_prefix_tokens)
+
+
+def _setup_context(ctx, inputs, output):
+    layers, score_weight, tokens, num_prefix_tokens, _eps, backend = inputs
+    pooled, attention, mean, rstd = output
+    ctx.save_for_backward(*layers, score_weight, pooled, attention, mean, rstd)
+    ctx.num_layers = len(layers)
+    ctx.options = (tokens, num_prefix_tokens, backend)
+
+
+def _backward(ctx, grad_pooled, grad_attention, _grad_mean, _grad_rstd):
+    saved = ctx.saved_tensors
+    layers, (score_weight, pooled, attention, mean, rstd) = saved[:ctx.num_layers], saved[ctx.num_layers:]
+    tokens, num_prefix_tokens, backend = ctx.options
+    if grad_pooled is None:
+        grad_pooled = torch.zeros_like(pooled)
+    grad_layers, grad_weight = _attentive_pool_backward_op(
+        grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
+        tokens, num_prefix_tokens, backend)
+    return list(grad_layers), grad_weight, None, None, None, None
+
+
+torch.library.register_autograd("fastfuse::attentive_pool", _backward, setup_context=_setup_context)
+
+
+def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
+                   num_prefix_tokens: int = 1, eps: float = 1e-5,
+                   backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Attention-pool tokens against H folded query vectors (SPEC §2-§3), fused.
+
+    Args:
+        x: a (B, N, D) token tensor, or a list/tuple of L layer activations (B, T_l, D)
+            (any strides, e.g. views captured by hooks) from which ``tokens`` are gathered.
+        score_weight: (H, D) folded key vectors ``w_h`` (any H, e.g. P probes x heads).
+        tokens: None for a tensor ``x``; for layers one of "cls", "ap", "cls+ap" (default),
+            "all" (see :mod:`fastfuse.gather`).
+        num_prefix_tokens: leading tokens of each layer that "ap" does not average (CLS plus
+            register tokens).
+        eps: the LayerNorm epsilon of the token normalisation.
+        backend: "auto", "torch", "cpu", "triton", "cuda"; None reads $FASTFUSE_BACKEND,
+            else "auto".
+
+    Returns:
+        pooled (B, H, D): ``z_h = sum_n a_hn xh_n`` over the normalised tokens xh, and
+        attention (B, H, N): ``a_hn = softmax_n(w_h . xh_n)``; float64 for float64 tokens,
+        else float32. Differentiable w.r.t. ``x`` (each layer) and ``score_weight``.
+    """
+    layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
+    score_weight = check_score_weight(score_weight, layers[0])
+    name = _resolve_backend(backend, layers, score_weight)
+    acc = compute_dtype(layers[0].dtype)
+    pooled, attention, _mean, _rstd = _attentive_pool_op(
+        list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, float(eps), name)
+    return pooled, attention
+
+
+def check_score_weight(score_weight, reference: Tensor) -> Tensor:
+    if not isinstance(score_weight, torch.Tensor):
+        raise TypeError(f"score_weight must be a torch.Tensor, got {type(score_weight).__name__}")
+    if not score_weight.is_floating_point():
+        raise TypeError(f"score_weight must be a floating tensor, got dtype {score_weight.dtype}")
+    dim = reference.shape[-1]
+    if score_weight.dim() != 2 or score_weight.shape[1] != dim or score_weight.shape[0] < 1:
+        raise ValueError(f"score_weight must have shape (heads, {dim}) to match the tokens' "
+                         f"feature size {dim}, got {tuple(score_weight.shape)}")
+    if score_weight.device != reference.device:
+        raise ValueError(f"score_weight is on {score_weight.device} but the tokens are on "
+                         f"{reference.device}")
+    return score_weight
