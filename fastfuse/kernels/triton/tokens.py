@@ -1,0 +1,123 @@
+"""Addressing the gathered tokens where they lie (SPEC §3): shared helpers of both kernels.
+
+A token n of sample b is read in one of three ways (``ADDRESSING``, a constexpr):
+
+    AFFINE    one layer, tokens="all": row n of layers[0] (its batch and row strides);
+              the (B, N, D) tensor form, no table.
+    TABLE     one row per token, any layer ("all" over several layers, "cls"): the token
+              table gives its layer and row; the layer table gives the layer's offset.
+    GATHERED  "ap" / "cls+ap": a token is the mean of ``count`` rows of a layer. Each
+              program first averages its sample's N tokens into its own scratch slot
+              (N, D) in the accumulation dtype (gather_sample), then reads them from there: the second read a
+              pass needs hits that slot in L2 instead of re-reading every patch row, and the
+              scratch holds one sample per program (a persistent grid), never the (B, N, D) stack.
+
+Offsets are in elements from the base pointer of ``layers[0]`` (of ``grads[0]`` for
+gradients): the launcher computes each layer's offset from its address, so one pointer
+argument reaches every layer through its own strides, with no copy.
+"""
+import triton
+import triton.language as tl
+
+AFFINE = tl.constexpr(0)
+TABLE = tl.constexpr(1)
+GATHERED = tl.constexpr(2)
+
+# Token table: int64 (N, TOKEN_COLUMNS). Row offsets are relative to the token's layer.
+TOKEN_COLUMNS = tl.constexpr(7)
+TOKEN_LAYER = tl.constexpr(0)         # which layer
+TOKEN_ROW = tl.constexpr(1)           # offset of the token's first row at b = 0
+TOKEN_BATCH_STRIDE = tl.constexpr(2)  # the layer's batch stride
+TOKEN_ROW_STRIDE = tl.constexpr(3)    # between the rows that are averaged (GATHERED)
+TOKEN_ROW_COUNT = tl.constexpr(4)     # rows averaged: 1, or T - num_prefix_tokens for "ap"
+TOKEN_GRAD_ROW = tl.constexpr(5)      # offset of the token's row in its layer's gradient
+TOKEN_GRAD_BATCH_STRIDE = tl.constexpr(6)
+
+# Layer table: int64 (L, LAYER_COLUMNS).
+LAYER_COLUMNS = tl.constexpr(5)
+LAYER_OFFSET = tl.constexpr(0)        # layers[l] base - layers[0] base, in elements
+LAYER_GRAD_OFFSET = tl.constexpr(1)   # grads[l] base - grads[0] base, in elements
+LAYER_LENGTH = tl.constexpr(2)        # T_l
+LAYER_CLS_TOKEN = tl.constexpr(3)     # index n of the layer's "cls" token, or -1
+LAYER_AP_TOKEN = tl.constexpr(4)      # index n of the layer's "ap" token, or -1
+
+
+@triton.jit
+def token_row_offsets(token_table_ptr, layer_table_ptr, b64, n_offs, n_mask, stride_b, stride_t,
+                      ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """Offsets (elements, from layers[0]) of the first row of tokens ``n_offs`` of sample b."""
+    if ADDRESSING == AFFINE:
+        rows = b64 * stride_b + n_offs.to(tl.int64) * stride_t
+    else:
+        entry = token_table_ptr + n_offs * TOKEN_COLUMNS
+        layer = tl.load(entry + TOKEN_LAYER, mask=n_mask, other=0)
+        rows = (tl.load(layer_table_ptr + layer * LAYER_COLUMNS + LAYER_OFFSET, mask=n_mask, other=0)
+                + tl.load(entry + TOKEN_ROW, mask=n_mask, other=0)
+                + b64 * tl.load(entry + TOKEN_BATCH_STRIDE, mask=n_mask, other=0))
+    if ROW_ALIGN > 1:  # every offset is a multiple of 16 bytes: allow vector loads
+        rows = tl.multiple_of(rows, ROW_ALIGN)
+    return rows
+
+
+@triton.jit
+def grad_row_offsets(token_table_ptr, layer_table_ptr, b64, n_offs, n_mask, num_tokens, dim,
+                     ADDRESSING: tl.constexpr):
+    """Offsets (elements, from grads[0]) of the gradient rows of tokens ``n_offs`` (one row each)."""
+    if ADDRESSING == AFFINE:
+        rows = (b64 * num_tokens + n_offs.to(tl.int64)) * dim
+    else:
+        entry = token_table_ptr + n_offs * TOKEN_COLUMNS
+        layer = tl.load(entry + TOKEN_LAYER, mask=n_mask, other=0)
+        rows = (tl.load(layer_table_ptr + layer * LAYER_COLUMNS + LAYER_GRAD_OFFSET, mask=n_mask, other=0)
+                + tl.load(entry + TOKEN_GRAD_ROW, mask=n_mask, other=0)
+                + b64 * tl.load(entry + TOKEN_GRAD_BATCH_STRIDE, mask=n_mask, other=0))
+    return rows
+
+
+@triton.jit
+def load_token_tile(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64, n_offs, d_offs,
+                    num_tokens, dim, stride_b, stride_t, stride_d,
+                    ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) tile of sample b's gathered tokens in ACC, zero outside (N, D)."""
+    n_mask = n_offs < num_tokens
+    mask = n_mask[:, None] & (d_offs < dim)[None, :]
+    if ADDRESSING == GATHERED:
+        ptrs = slot_ptr + n_offs[:, None] * dim + d_offs[None, :]
+    else:
+        rows = token_row_offsets(token_table_ptr, layer_table_ptr, b64, n_offs, n_mask, stride_b,
+                                 stride_t, ADDRESSING, ROW_ALIGN)
+        ptrs = layers_ptr + rows[:, None] + d_offs[None, :] * stride_d
+    return tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def gather_sample(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64, num_tokens, dim,
+                  stride_d, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Average each token's rows into the program's scratch slot (N, D), in ACC.
+
+    Reads every averaged row once, BLOCK_R rows x BLOCK_D features per load (dense and
+    coalesced along D); writes N * D * 4 bytes that stay in L2 for the passes that follow.
+    """
+    r_base = tl.arange(0, BLOCK_R)
+    d_base = tl.arange(0, BLOCK_D)
+    for n in range(0, num_tokens):
+        entry = token_table_ptr + n * TOKEN_COLUMNS
+        layer = tl.load(entry + TOKEN_LAYER)
+        first = (tl.load(layer_table_ptr + layer * LAYER_COLUMNS + LAYER_OFFSET)
+                 + tl.load(entry + TOKEN_ROW) + b64 * tl.load(entry + TOKEN_BATCH_STRIDE))
+        row_stride = tl.load(entry + TOKEN_ROW_STRIDE)
+        count = tl.load(entry + TOKEN_ROW_COUNT)
+        for d0 in range(0, dim, BLOCK_D):
+            d_offs = d0 + d_base
+            d_mask = d_offs < dim
+            total = tl.zeros((BLOCK_D,), ACC)
+            for r0 in range(0, count, BLOCK_R):
+                r_offs = r0 + r_base
+                rows = first + r_offs * row_stride
+                if ROW_ALIGN > 1:
+                    rows = tl.multiple_of(rows, ROW_ALIGN)
+                tile = tl.load(layers_ptr + rows[:, None] + d_offs[None, :] * stride_d,
+                               mask=(r_offs < count)[:, None] & d_mask[None, :], other=0.0)
+                total += tl.sum(tile.to(ACC), axis=0)
+            tl.store(slot_ptr + n * dim + d_offs, total / count.to(ACC), mask=d_mask)
