@@ -87,7 +87,7 @@ def test_compiled_kernel_ops_opcheck():
     pooled, attention, mean, rstd = torch.ops.fastfuse.fused_pool_forward(layers, weight, "cls+ap", 1, 1e-5)
     torch.library.opcheck(torch.ops.fastfuse.fused_pool_backward.default,
                           (torch.randn_like(pooled), None, layers, weight, pooled, attention, mean, rstd,
-                           "cls+ap", 1), test_utils=("test_schema", "test_faketensor"))
+                           "cls+ap", 1, True), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_matches_eager(backend_device):

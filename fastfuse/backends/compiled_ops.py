@@ -11,9 +11,10 @@ missing. Semantics: SPEC §2-§3; the pure-PyTorch statement of the same contrac
     Returns pooled (B, H, D), attention (B, H, N), mean (B, N), rstd (B, N), all contiguous
     in the compute dtype.
 ``fused_pool_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-mean, rstd, tokens, num_prefix_tokens)``
+mean, rstd, tokens, num_prefix_tokens, layers_need_grad)``
     Returns the gradient of every layer (contiguous, (B, T_l, D), the layer's dtype) and of
-    score_weight ((H, D), compute dtype). grad_attention may be None.
+    score_weight ((H, D), compute dtype). grad_attention may be None. With
+    layers_need_grad false (frozen features) the list is empty and no dx is computed.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ _lib.define(
 _lib.define(
     "fused_pool_backward(Tensor grad_pooled, Tensor? grad_attention, Tensor[] layers, "
     "Tensor score_weight, Tensor pooled, Tensor attention, Tensor mean, Tensor rstd, "
-    "str tokens, int num_prefix_tokens) -> (Tensor[], Tensor)"
+    "str tokens, int num_prefix_tokens, bool layers_need_grad) -> (Tensor[], Tensor)"
 )
 
 
@@ -53,9 +54,10 @@ def fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps):
 
 
 def fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-                  mean, rstd, tokens, num_prefix_tokens):
-    return [torch.empty_like(layer, memory_format=torch.contiguous_format) for layer in layers], \
-        torch.empty_like(score_weight)
+                  mean, rstd, tokens, num_prefix_tokens, layers_need_grad):
+    grad_layers = [torch.empty_like(layer, memory_format=torch.contiguous_format)
+                   for layer in layers] if layers_need_grad else []
+    return grad_layers, torch.empty_like(score_weight)
 
 
 torch.library.register_fake("fastfuse::fused_pool_forward", fake_forward)

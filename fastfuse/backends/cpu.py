@@ -20,11 +20,11 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
 
 
 def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-              tokens, num_prefix_tokens):
+              tokens, num_prefix_tokens, layers_need_grad=True):
     return torch.ops.fastfuse.fused_pool_backward(
         grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
-        tokens, num_prefix_tokens)
+        tokens, num_prefix_tokens, layers_need_grad)
 
 
 BACKEND = Backend("cpu", ("cpu",), _availability, _forward, _backward,
-                  dtypes=(torch.float32, torch.float64))
+                  dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))

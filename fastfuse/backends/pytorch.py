@@ -31,7 +31,7 @@ def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-             tokens, num_prefix_tokens):
+             tokens, num_prefix_tokens, layers_need_grad=True):
     acc = compute_dtype(layers[0].dtype)
     weight = score_weight.to(acc)
     gathered = gather_tokens(layers, tokens, num_prefix_tokens, acc)
@@ -45,7 +45,9 @@ def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attentio
         grad_attn_total = grad_attn_total + grad_attention
         centre = centre + (attention * grad_attention).sum(dim=-1, keepdim=True)
     grad_scores = attention * (grad_attn_total - centre)
-    grad_weight = torch.einsum("bhn,bnd->hd", grad_scores, normed)
+    grad_weight = torch.einsum("bhn,bnd->hd", grad_scores, normed).to(score_weight.dtype)
+    if not layers_need_grad:
+        return [], grad_weight
     grad_normed = (torch.einsum("bhn,bhd->bnd", attention, grad_pooled)
                    + torch.einsum("bhn,hd->bnd", grad_scores, weight))
     grad_tokens = rstd.unsqueeze(-1) * (
@@ -54,4 +56,4 @@ def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attentio
         - normed * (grad_normed * normed).mean(dim=-1, keepdim=True)
     )
     grad_layers = scatter_token_grads(grad_tokens, layers, tokens, num_prefix_tokens)
-    return grad_layers, grad_weight.to(score_weight.dtype)
+    return grad_layers, grad_weight

@@ -31,7 +31,8 @@ _FORWARD_SCHEMA = ("(Tensor[] layers, Tensor score_weight, str tokens, int num_p
                    "float eps) -> (Tensor, Tensor, Tensor, Tensor)")
 _BACKWARD_SCHEMA = ("(Tensor grad_pooled, Tensor? grad_attention, Tensor[] layers, "
                     "Tensor score_weight, Tensor pooled, Tensor attention, Tensor mean, "
-                    "Tensor rstd, str tokens, int num_prefix_tokens) -> (Tensor[], Tensor)")
+                    "Tensor rstd, str tokens, int num_prefix_tokens, bool layers_need_grad"
+                    ") -> (Tensor[], Tensor)")
 # Persistent grids, in programs per SM, each program looping over samples: about what fits on
 # an SM at once (configs.py: up to 4 register-capped forward programs, about 2 uncapped backward
 # ones), so that each program's scratch slot and dw partial is reused while it is hot in L2,
@@ -222,7 +223,7 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
 
 
 def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-              tokens, num_prefix_tokens):
+              tokens, num_prefix_tokens, layers_need_grad):
     layers, stride_d = _same_feature_stride(layers)
     first = layers[0]
     batch, _, dim = first.shape
@@ -233,7 +234,7 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     allocate = torch.zeros if tokens == "cls" else torch.empty
     grads = [allocate(layer.shape, dtype=layer.dtype, device=layer.device) for layer in layers]
     if batch == 0 or num_tokens == 0 or dim == 0:
-        return [grad.zero_() for grad in grads], torch.zeros_like(score_weight)
+        return [grad.zero_() for grad in grads] if layers_need_grad else [], torch.zeros_like(score_weight)
     weight = score_weight.to(acc).contiguous()
     addressing, token_table, layer_table, row_align = _tables(layers, grads, tokens, num_prefix_tokens)
     programs = _programs(batch, first.device, BACKWARD_PROGRAMS_PER_SM)
@@ -256,8 +257,9 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
         first.stride(0), first.stride(1), stride_d,
         ADDRESSING=addressing, HAS_GRAD_ATTENTION=grad_attention is not None,
         ROW_ALIGN=row_align, **_dot_options(first.dtype))
-    # Per-program partials summed in a fixed order: deterministic.
-    return grads, grad_weight.sum(dim=0).to(score_weight.dtype)
+    # Per-program partials summed in a fixed order: deterministic. The kernel always writes dx;
+    # frozen features (layers_need_grad false) just drop it.
+    return grads if layers_need_grad else [], grad_weight.sum(dim=0).to(score_weight.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,9 +277,10 @@ def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-             tokens, num_prefix_tokens):
+             tokens, num_prefix_tokens, layers_need_grad=True):
     grad_layers, grad_weight = ops()[1](grad_pooled, grad_attention, list(layers), score_weight,
-                                        pooled, attention, mean, rstd, tokens, num_prefix_tokens)
+                                        pooled, attention, mean, rstd, tokens, num_prefix_tokens,
+                                        layers_need_grad)
     return list(grad_layers), grad_weight
 
 

@@ -1,0 +1,144 @@
+// Register-blocked inner loops of the CPU fused pool: the two small matrix products every
+// step of SPEC §2 reduces to, written as plain loops that the compiler vectorises (-O3 with
+// the -march of CMakeLists.txt). Operands are padded scratch buffers: rows are `padded_dim`
+// long, a multiple of the vector width, zero past D, and 64-byte aligned, so the products have
+// no tail loops; row counts are multiples of kRowBlock (callers pad with zero rows).
+#pragma once
+
+#include <cstdint>
+
+namespace fastfuse {
+namespace cpu {
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kDotColumns = 4;  // 4 x 4 partial sums + 8 loads fit the 32 zmm registers
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+constexpr int kDotColumns = 2;  // 16 ymm registers
+#else
+constexpr int kVectorBytes = 16;
+constexpr int kDotColumns = 2;
+#endif
+constexpr int kRowBlock = 4;
+// accumulate_rows keeps kRowBlock x kWideChunks vectors of c in registers.
+constexpr int kWideChunks = kVectorBytes == 64 ? 4 : 2;
+
+template <typename T>
+constexpr int64_t lanes() {
+  return kVectorBytes / static_cast<int64_t>(sizeof(T));
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Halving horizontal sum of a lane array: upper half onto lower half until one lane is left.
+// Spelled this way the compiler keeps the lanes in registers (a lane-by-lane sum spills them).
+template <typename T, int64_t kCount>
+inline T sum_lanes(T (&values)[kCount]) {
+  for (int64_t width = kCount / 2; width >= 1; width /= 2) {
+    for (int64_t v = 0; v < width; ++v) values[v] += values[v + width];
+  }
+  return values[0];
+}
+
+// sum_{d < dim} term(d) with four independent vector accumulators (a single accumulator
+// makes the loop wait on the add latency); term is inlined.
+template <typename T, typename Term>
+inline T reduce_sum(int64_t dim, Term term) {
+  constexpr int64_t kWidth = 4 * lanes<T>();
+  T partial[kWidth] = {};
+  int64_t d = 0;
+  for (; d + kWidth <= dim; d += kWidth) {
+#pragma omp simd
+    for (int64_t v = 0; v < kWidth; ++v) partial[v] += term(d + v);
+  }
+  T tail = 0;
+  for (; d < dim; ++d) tail += term(d);
+  return sum_lanes(partial) + tail;
+}
+
+// out[r * out_stride + c] = x_r . y_c for r < rows, c < cols: the H x tile scores w_h . xh_n
+// (and g_h . xh_n in the backward). Each block keeps kRowBlock x kDotColumns partial sums of one
+// vector each in registers, so a chunk of x_r or y_c is loaded once per block.
+template <typename T>
+void block_dots(const T* __restrict x, int64_t rows, const T* __restrict y, int64_t cols,
+                int64_t padded_dim, T* __restrict out, int64_t out_stride) {
+  constexpr int64_t kLanes = lanes<T>();
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kDotColumns) {
+      T partial[kRowBlock][kDotColumns][kLanes] = {};
+      for (int64_t d0 = 0; d0 < padded_dim; d0 += kLanes) {
+        for (int i = 0; i < kRowBlock; ++i) {
+          const T* x_chunk = x + (r0 + i) * padded_dim + d0;
+          for (int k = 0; k < kDotColumns; ++k) {
+            const T* y_chunk = y + (c0 + k) * padded_dim + d0;
+#pragma omp simd
+            for (int64_t v = 0; v < kLanes; ++v) partial[i][k][v] += x_chunk[v] * y_chunk[v];
+          }
+        }
+      }
+      for (int i = 0; i < kRowBlock; ++i) {
+        for (int k = 0; k < kDotColumns; ++k) {
+          out[(r0 + i) * out_stride + c0 + k] = sum_lanes(partial[i][k]);
+        }
+      }
+    }
+  }
+}
+
+// One column block of accumulate_rows: kChunks vectors of each of kRowBlock rows.
+template <typename T, int kChunks>
+inline void accumulate_rows_block(T* __restrict c, int64_t r0, int64_t d0, const T* __restrict a,
+                                  int64_t a_row_stride, int64_t a_k_stride, const T* __restrict b,
+                                  int64_t depth, int64_t padded_dim, const T* row_scale,
+                                  bool overwrite) {
+  constexpr int64_t kWidth = kChunks * lanes<T>();
+  T sum[kRowBlock][kWidth];
+  for (int i = 0; i < kRowBlock; ++i) {
+    const T* c_row = c + (r0 + i) * padded_dim + d0;
+    const T scale = overwrite ? T(0) : (row_scale ? row_scale[r0 + i] : T(1));
+#pragma omp simd
+    for (int64_t v = 0; v < kWidth; ++v) sum[i][v] = overwrite ? T(0) : scale * c_row[v];
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const T* b_row = b + k * padded_dim + d0;
+    for (int i = 0; i < kRowBlock; ++i) {
+      const T coefficient = a[(r0 + i) * a_row_stride + k * a_k_stride];
+#pragma omp simd
+      for (int64_t v = 0; v < kWidth; ++v) sum[i][v] += coefficient * b_row[v];
+    }
+  }
+  for (int i = 0; i < kRowBlock; ++i) {
+    T* c_row = c + (r0 + i) * padded_dim + d0;
+#pragma omp simd
+    for (int64_t v = 0; v < kWidth; ++v) c_row[v] = sum[i][v];
+  }
+}
+
+// c_r = s_r * c_r + sum_k a(r, k) * b_k for r < rows, where a(r, k) = a[r * a_row_stride +
+// k * a_k_stride] and s_r = row_scale[r] (1 when row_scale is null; c_r is not read when
+// overwrite). Covers the online-softmax accumulator (acc_h = alpha_h acc_h + sum_n p_hn xh_n),
+// dw_h += sum_n ds_hn xh_n and dxh_n = sum_h a_hn g_h + ds_hn w_h. Each block holds
+// kRowBlock x 2 vectors of c in registers across the whole k loop.
+template <typename T>
+void accumulate_rows(T* __restrict c, int64_t rows, const T* __restrict a, int64_t a_row_stride,
+                     int64_t a_k_stride, const T* __restrict b, int64_t depth, int64_t padded_dim,
+                     const T* row_scale, bool overwrite) {
+  constexpr int64_t kLanes = lanes<T>();
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    int64_t d0 = 0;
+    for (; d0 + kWideChunks * kLanes <= padded_dim; d0 += kWideChunks * kLanes) {
+      accumulate_rows_block<T, kWideChunks>(c, r0, d0, a, a_row_stride, a_k_stride, b, depth,
+                                            padded_dim, row_scale, overwrite);
+    }
+    for (; d0 < padded_dim; d0 += kLanes) {
+      accumulate_rows_block<T, 1>(c, r0, d0, a, a_row_stride, a_k_stride, b, depth, padded_dim,
+                                  row_scale, overwrite);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastfuse
