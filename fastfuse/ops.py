@@ -32,19 +32,20 @@ def _(layers, score_weight, tokens, num_prefix_tokens, eps, backend):
 def _attentive_pool_backward_op(grad_pooled: Tensor, grad_attention: Optional[Tensor],
                                 layers: Sequence[Tensor], score_weight: Tensor, pooled: Tensor,
                                 attention: Tensor, mean: Tensor, rstd: Tensor, tokens: str,
-                                num_prefix_tokens: int, backend: str
+                                num_prefix_tokens: int, layers_need_grad: bool, backend: str
                                 ) -> tuple[list[Tensor], Tensor]:
     grad_layers, grad_weight = _get_backend(backend).backward(
         grad_pooled.contiguous(), None if grad_attention is None else grad_attention.contiguous(),
-        layers, score_weight, pooled, attention, mean, rstd, tokens, num_prefix_tokens)
+        layers, score_weight, pooled, attention, mean, rstd, tokens, num_prefix_tokens,
+        layers_need_grad)
     return list(grad_layers), grad_weight
 
 
 @_attentive_pool_backward_op.register_fake
 def _(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd, tokens,
-      num_prefix_tokens, backend):
+      num_prefix_tokens, layers_need_grad, backend):
     return fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-                         mean, rstd, tokens, num_prefix_tokens)
+                         mean, rstd, tokens, num_prefix_tokens, layers_need_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -61,10 +62,13 @@ def _backward(ctx, grad_pooled, grad_attention, _grad_mean, _grad_rstd):
     tokens, num_prefix_tokens, backend = ctx.options
     if grad_pooled is None:
         grad_pooled = torch.zeros_like(pooled)
+    # Probes usually train on frozen features: then no token gradient is computed at all.
+    layers_need_grad = bool(ctx.needs_input_grad[0])
     grad_layers, grad_weight = _attentive_pool_backward_op(
         grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
-        tokens, num_prefix_tokens, backend)
-    return list(grad_layers), grad_weight, None, None, None, None
+        tokens, num_prefix_tokens, layers_need_grad, backend)
+    grad_layers = list(grad_layers) if layers_need_grad else None
+    return grad_layers, grad_weight, None, None, None, None
 
 
 torch.library.register_autograd("fastfuse::attentive_pool", _backward, setup_context=_setup_context)
