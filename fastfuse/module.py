@@ -117,14 +117,17 @@ class AttentiveFusion(nn.Module):
         else:
             weight_sums = None
         pooled = pooled.to(param_dtype)
-        # u_h = gamma_v * z_h + beta_v * sum_n a_hn, then per-head W_v (SPEC §2).
-        values_in = pooled * block.norm_v.weight
-        values_in = values_in + (block.norm_v.bias if weight_sums is None else block.norm_v.bias * weight_sums)
-        value_weight = attn.v.weight.reshape(self.num_heads, self.head_dim, self.dim)
-        values = torch.einsum("bhd,hed->bhe", values_in, value_weight)
+        # W_v,h u_h + b_v,h with u_h = gamma_v * z_h + beta_v * sum_n a_hn (SPEC §2): gamma_v
+        # folds into the (small) value weight and beta_v into a per-head bias, so the
+        # (B, H, D) pooled tensor is touched only by one batched matmul over the heads.
+        heads, head_dim = self.num_heads, self.head_dim
+        value_weight = (attn.v.weight * block.norm_v.weight).reshape(heads, head_dim, self.dim)
+        value_bias = (attn.v.weight @ block.norm_v.bias).reshape(heads, head_dim)
         if attn.v_bias is not None:
-            bias = attn.v_bias.reshape(self.num_heads, self.head_dim)
-            values = values + (bias if weight_sums is None else bias * weight_sums)
+            value_bias = value_bias + attn.v_bias.reshape(heads, head_dim)
+        # (H, B, D) @ (H, D, hd): the transposed view needs no copy of the pooled tensor.
+        values = torch.matmul(pooled.transpose(0, 1), value_weight.transpose(1, 2)).transpose(0, 1)
+        values = values + (value_bias if weight_sums is None else value_bias * weight_sums)
         out = attn.proj_drop(attn.proj(values.flatten(1)))
         logits = self.classifier(self.bn(out))
         return (logits, attention) if return_attention else logits
