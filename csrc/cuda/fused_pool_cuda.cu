@@ -1,0 +1,334 @@
+// CUDA implementations of fastfuse::fused_pool_forward / fused_pool_backward (schemas:
+// fastfuse/backends/compiled_ops.py; math: SPEC §2; kernels: csrc/cuda/pool_kernels.cuh).
+// This file checks the arguments (csrc/common/fused_pool_args.h, shared with the CPU kernels),
+// describes the layers to the kernels, picks the tile sizes that fit in shared memory and
+// launches on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/fused_pool_args.h"
+#include "cuda/pool_kernels.cuh"
+
+namespace fastfuse {
+namespace cuda {
+namespace {
+
+
+int spec_code(TokenSpec spec) {
+  switch (spec) {
+    case TokenSpec::kCls: return kSpecCls;
+    case TokenSpec::kAp: return kSpecAp;
+    case TokenSpec::kClsAp: return kSpecClsAp;
+    default: return kSpecAll;
+  }
+}
+
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+template <typename scalar_t>
+GatherArgs make_gather_args(const PoolProblem& problem, at::TensorList layers) {
+  using Chunk = ChunkOf<scalar_t>;
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) <= kMaxLayers, "fastfuse: the cuda backend reads at most ",
+              kMaxLayers, " layers per call, got ", layers.size(), " (use backend='triton' or 'torch')");
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(problem.num_tokens() <= kIntMax && problem.dim <= kIntMax / 64,
+              "fastfuse: the cuda backend needs N < 2^31 and D < 2^25, got N = ",
+              problem.num_tokens(), ", D = ", problem.dim);
+  GatherArgs args{};
+  args.num_layers = static_cast<int32_t>(layers.size());
+  args.spec = spec_code(problem.spec);
+  args.num_prefix_tokens = static_cast<int32_t>(problem.num_prefix_tokens);
+  args.num_tokens = static_cast<int32_t>(problem.num_tokens());
+  args.dim = static_cast<int32_t>(problem.dim);
+  args.padded_dim = round_up_to(args.dim, Chunk::kWidth);
+  int64_t first_token = 0;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const at::Tensor& layer = layers[l];
+    TORCH_CHECK(layer.size(1) <= kIntMax, "fastfuse: layers[", l, "] has more than 2^31 tokens");
+    LayerArgs& view = args.layers[l];
+    view.data = layer.data_ptr();
+    view.stride_batch = layer.stride(0);
+    view.stride_row = layer.stride(1);
+    view.stride_dim = layer.stride(2);
+    view.length = static_cast<int32_t>(layer.size(1));
+    view.first_token = static_cast<int32_t>(first_token);
+    if (problem.spec == TokenSpec::kAll) first_token += layer.size(1);
+    // 16-byte loads need every chunk start of every row aligned: unit stride along D, D a
+    // multiple of the chunk and the other strides multiples of one load.
+    const bool vector = view.stride_dim == 1 && problem.dim % Chunk::kWidth == 0 &&
+                        view.stride_row % Chunk::kPerLoad == 0 &&
+                        view.stride_batch % Chunk::kPerLoad == 0 && aligned16(view.data);
+    if (vector) args.vector_loads |= uint64_t(1) << l;
+  }
+  return args;
+}
+
+struct SharedMemoryLimits {
+  int64_t preferred;  // two blocks per SM
+  int64_t maximum;    // the opt-in maximum of one block
+};
+
+// (ATen/cuda/CUDAContext.h would give the device properties, but it pulls in the cuBLAS and
+// cuSPARSE headers, which a bare nvcc install lacks; the attributes are cheap to query.)
+int device_attribute(cudaDeviceAttr attribute) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, c10::cuda::current_device()));
+  return value;
+}
+
+SharedMemoryLimits shared_memory_limits() {
+  const int64_t maximum = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  // Each resident block also costs 1 KiB of reserved shared memory on sm_80 / sm_90.
+  const int64_t preferred = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2 - 1024;
+  return {std::min(preferred, maximum), maximum};
+}
+
+// Tile sizes to try, largest first: the whole of a short N in one tile, else 32, 16, 8.
+std::vector<int> tile_choices(int64_t num_tokens) {
+  const int cap = round_up_to(static_cast<int>(std::clamp<int64_t>(num_tokens, 1, kMaxTileTokens)), kTileQuantum);
+  std::vector<int> choices = {cap};
+  for (int tile_tokens : {16, 8}) {
+    if (tile_tokens < cap) choices.push_back(tile_tokens);
+  }
+  return choices;
+}
+
+template <typename kernel_t>
+void allow_shared_memory(kernel_t kernel, int64_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+struct ForwardPlan {
+  int tile_tokens = 0, head_tile = 0;
+  int64_t bytes = 0;
+};
+
+template <typename acc_t>
+ForwardPlan plan_forward(int64_t heads, int padded_dim, int partial, int64_t num_tokens, int64_t dim) {
+  const SharedMemoryLimits limits = shared_memory_limits();
+  const std::vector<int> choices = tile_choices(num_tokens);
+  auto bytes = [&](int tile_tokens, int64_t head_tile) {
+    return slot_bytes(tile_tokens) +
+           static_cast<int64_t>(sizeof(acc_t)) *
+               forward_shared_elements(tile_tokens, round_up_to(static_cast<int>(head_tile), 4), padded_dim, partial);
+  };
+  // All heads in one block (tokens read once), the largest tile that fits; two blocks per SM
+  // if possible.
+  for (int64_t budget : {limits.preferred, limits.maximum}) {
+    for (int tile_tokens : choices) {
+      if (bytes(tile_tokens, heads) <= budget) return {tile_tokens, static_cast<int>(heads), bytes(tile_tokens, heads)};
+    }
+  }
+  // Else tile the heads: the most heads (a multiple of 4) beside a tile of 16 or 8 tokens.
+  for (int64_t budget : {limits.preferred, limits.maximum}) {
+    for (int tile_tokens : {std::min(16, choices.front()), kTileQuantum}) {
+      int head_tile = 0;
+      while (head_tile + 4 < heads && bytes(tile_tokens, head_tile + 4) <= budget) head_tile += 4;
+      if (head_tile >= 4) return {tile_tokens, head_tile, bytes(tile_tokens, head_tile)};
+    }
+  }
+  TORCH_CHECK(false, "fastfuse: D = ", dim, " is too large for the cuda backend's shared-memory tiles "
+              "on this GPU (a tile of 8 tokens and 4 heads needs ", bytes(kTileQuantum, 4),
+              " bytes, the GPU allows ", limits.maximum, " per block); use backend='triton'");
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+    const PoolProblem& problem, at::TensorList layers, const at::Tensor& score_weight_in, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
+  const int64_t num_tokens = problem.num_tokens();
+  const auto options = layers[0].options().dtype(problem.compute_dtype);
+  at::Tensor pooled = at::empty({batch, heads, dim}, options);
+  at::Tensor attention = at::empty({batch, heads, num_tokens}, options);
+  at::Tensor mean = at::empty({batch, num_tokens}, options);
+  at::Tensor rstd = at::empty({batch, num_tokens}, options);
+  if (batch == 0) return {pooled, attention, mean, rstd};
+
+  const GatherArgs args = make_gather_args<scalar_t>(problem, layers);
+  const at::Tensor score_weight = score_weight_in.contiguous();
+  const int partial = reads_average(problem.spec)
+                          ? average_groups(args.padded_dim, ChunkOf<scalar_t>::kWidth) * args.padded_dim
+                          : 0;
+  const ForwardPlan plan = plan_forward<acc_t>(heads, args.padded_dim, partial, num_tokens, dim);
+  const int head_tiles = ceil_div(static_cast<int>(heads), plan.head_tile);
+  const int64_t blocks = batch * head_tiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastfuse: B x head tiles = ", blocks,
+              " exceeds the CUDA grid limit");
+
+  auto kernel = fused_pool_forward_kernel<scalar_t, acc_t>;
+  allow_shared_memory(kernel, plan.bytes);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, plan.bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      args, score_weight.data_ptr<acc_t>(), static_cast<int>(heads), plan.head_tile,
+      plan.tile_tokens, static_cast<acc_t>(eps), pooled.data_ptr<acc_t>(),
+      attention.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {pooled, attention, mean, rstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+struct BackwardPlan {
+  int tile_tokens = 0;
+  bool weight_grad_in_shared = false;
+  int64_t bytes = 0;
+};
+
+template <typename acc_t>
+BackwardPlan plan_backward(int64_t heads, int padded_dim, int partial, int64_t num_tokens,
+                           int64_t dim, bool layers_need_grad) {
+  const SharedMemoryLimits limits = shared_memory_limits();
+  const std::vector<int> choices = tile_choices(num_tokens);
+  const int padded_heads = round_up_to(static_cast<int>(heads), 4);
+  auto bytes = [&](int tile_tokens, bool in_shared) {
+    return slot_bytes(tile_tokens) +
+           static_cast<int64_t>(sizeof(acc_t)) *
+               backward_shared_elements(tile_tokens, padded_heads, padded_dim, partial,
+                                        layers_need_grad, in_shared);
+  };
+  // dw in shared memory if it fits beside a tile of >= 8 tokens, else in the block's slice of
+  // the global partials (read and written once per tile, from L2); two blocks per SM first.
+  for (int64_t budget : {limits.preferred, limits.maximum}) {
+    for (bool in_shared : {true, false}) {
+      for (int tile_tokens : choices) {
+        if (bytes(tile_tokens, in_shared) <= budget) return {tile_tokens, in_shared, bytes(tile_tokens, in_shared)};
+      }
+    }
+  }
+  TORCH_CHECK(false, "fastfuse: D = ", dim, " and H = ", heads, " are too large for the cuda "
+              "backend's backward tiles on this GPU (a tile of 8 tokens needs ", bytes(kTileQuantum, false),
+              " bytes of shared memory, the GPU allows ", limits.maximum, " per block); use backend='triton'");
+}
+
+template <typename scalar_t>
+std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
+    const PoolProblem& problem, const at::Tensor& grad_pooled_in,
+    const std::optional<at::Tensor>& grad_attention_in, at::TensorList layers,
+    const at::Tensor& score_weight_in, const at::Tensor& pooled_in, const at::Tensor& attention_in,
+    const at::Tensor& mean_in, const at::Tensor& rstd_in, bool layers_need_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Chunk = ChunkOf<scalar_t>;
+  const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
+  const int64_t num_tokens = problem.num_tokens();
+
+  std::vector<at::Tensor> grad_layers;
+  if (layers_need_grad) {
+    for (const at::Tensor& layer : layers) {
+      grad_layers.push_back(at::empty(layer.sizes(), layer.options().memory_format(at::MemoryFormat::Contiguous)));
+    }
+  }
+  at::Tensor grad_weight = at::zeros({heads, dim}, score_weight_in.options());
+  if (batch == 0) return {grad_layers, grad_weight};
+
+  const GatherArgs args = make_gather_args<scalar_t>(problem, layers);
+  GradArgs grads{};
+  for (size_t l = 0; l < grad_layers.size(); ++l) {
+    grads.data[l] = grad_layers[l].data_ptr();
+    if (dim % Chunk::kWidth == 0 && aligned16(grads.data[l])) grads.vector_stores |= uint64_t(1) << l;
+  }
+  // Saved tensors and incoming gradients are small: contiguous copies if they are views.
+  const at::Tensor score_weight = score_weight_in.contiguous();
+  const at::Tensor grad_pooled = grad_pooled_in.contiguous();
+  const at::Tensor pooled = pooled_in.contiguous();
+  const at::Tensor attention = attention_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  const std::optional<at::Tensor> grad_attention =
+      grad_attention_in.has_value() ? std::optional<at::Tensor>(grad_attention_in->contiguous()) : std::nullopt;
+
+  const int partial = reads_average(problem.spec)
+                          ? average_groups(args.padded_dim, Chunk::kWidth) * args.padded_dim
+                          : 0;
+  const BackwardPlan plan = plan_backward<acc_t>(heads, args.padded_dim, partial, num_tokens, dim,
+                                                 layers_need_grad);
+  auto kernel = fused_pool_backward_kernel<scalar_t, acc_t>;
+  allow_shared_memory(kernel, plan.bytes);
+  // As many blocks as fit on the GPU at once (each loops over a contiguous range of samples
+  // and keeps one dw partial), never more than the batch.
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, plan.bytes));
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int blocks = static_cast<int>(std::min<int64_t>(batch, std::max(1, blocks_per_sm) * sms));
+  const int padded_heads = round_up_to(static_cast<int>(heads), 4);
+  at::Tensor weight_partials = at::empty({blocks, padded_heads, args.padded_dim}, score_weight.options());
+
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<blocks, kThreads, plan.bytes, stream>>>(
+      args, grads, score_weight.data_ptr<acc_t>(), grad_pooled.data_ptr<acc_t>(),
+      grad_attention ? grad_attention->data_ptr<acc_t>() : nullptr, pooled.data_ptr<acc_t>(),
+      attention.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), batch,
+      static_cast<int>(heads), plan.tile_tokens, layers_need_grad, plan.weight_grad_in_shared,
+      weight_partials.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t reduce_blocks = (heads * dim + kThreads - 1) / kThreads;
+  weight_grad_reduce_kernel<acc_t><<<static_cast<unsigned>(reduce_blocks), kThreads, 0, stream>>>(
+      weight_partials.data_ptr<acc_t>(), blocks, static_cast<int>(heads), static_cast<int>(dim),
+      padded_heads, args.padded_dim, grad_weight.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_layers, grad_weight};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pool_forward_cuda(
+    at::TensorList layers, const at::Tensor& score_weight, c10::string_view tokens,
+    int64_t num_prefix_tokens, double eps) {
+  const PoolProblem problem = check_forward_args(layers, score_weight, std::string(tokens),
+                                                 num_prefix_tokens, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(layers[0].device());
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
+                                  "fused_pool_forward_cuda", [&] {
+    result = forward_typed<scalar_t>(problem, layers, score_weight, eps);
+  });
+  return result;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cuda(
+    const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_attention,
+    at::TensorList layers, const at::Tensor& score_weight, const at::Tensor& pooled,
+    const at::Tensor& attention, const at::Tensor& mean, const at::Tensor& rstd,
+    c10::string_view tokens, int64_t num_prefix_tokens, bool layers_need_grad) {
+  const PoolProblem problem =
+      check_backward_args(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
+                          mean, rstd, std::string(tokens), num_prefix_tokens, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(layers[0].device());
+  std::tuple<std::vector<at::Tensor>, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
+                                  "fused_pool_backward_cuda", [&] {
+    result = backward_typed<scalar_t>(problem, grad_pooled, grad_attention, layers, score_weight,
+                                      pooled, attention, mean, rstd, layers_need_grad);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfuse, CUDA, m) {
+  m.impl("fused_pool_forward", &fused_pool_forward_cuda);
+  m.impl("fused_pool_backward", &fused_pool_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace fastfuse

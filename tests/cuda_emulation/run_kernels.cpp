@@ -1,0 +1,178 @@
+// Runs the forward, backward and dw-reduce kernels of csrc/cuda under the emulator
+// (emulator.h) for one case described by tests/test_cuda_emulated.py:
+//
+//   run_kernels CONFIG INPUT OUTPUT
+//
+// CONFIG (text): dtype(0 float32, 1 float64, 2 float16, 3 bfloat16) B D H spec(0 cls, 1 ap,
+//   2 cls+ap, 3 all) num_prefix_tokens eps tile_tokens head_tile layers_need_grad
+//   weight_grad_in_shared backward_blocks has_grad_attention seed storage_length L, then per
+//   layer: T stride_batch stride_row stride_dim offset (elements into the storage).
+// INPUT (float64): storage, score_weight (H, D), grad_pooled (B, H, D), grad_attention (B, H, N).
+// OUTPUT (float64): pooled, attention, mean, rstd, the layers' gradients (if wanted), dw.
+// The tile sizes are the caller's (the host planner of fused_pool_cuda.cu needs a GPU).
+#define FASTFUSE_CUDA_EMULATION
+#include "emulator.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <fstream>
+#include <string>
+
+#include "cuda/pool_kernels.cuh"
+
+using namespace fastfuse::cuda;
+
+struct Config {
+  int dtype, batch, dim, heads, spec, prefix;
+  double eps;
+  int tile_tokens, head_tile, layers_need_grad, weight_grad_in_shared, backward_blocks;
+  int has_grad_attention, seed;
+  int64_t storage_length;
+  int num_layers;
+  std::vector<int64_t> length, stride_batch, stride_row, stride_dim, offset;
+};
+
+template <typename T>
+std::vector<T> read_doubles(std::ifstream& in, int64_t count) {
+  std::vector<double> raw(count);
+  in.read(reinterpret_cast<char*>(raw.data()), count * sizeof(double));
+  if (!in) emu::fail("input file too short");
+  std::vector<T> values(count);
+  for (int64_t i = 0; i < count; ++i) values[i] = static_cast<T>(raw[i]);
+  return values;
+}
+
+template <typename T>
+void write_doubles(std::ofstream& out, const std::vector<T>& values) {
+  for (const T& value : values) {
+    const double raw = static_cast<double>(value);
+    out.write(reinterpret_cast<const char*>(&raw), sizeof raw);
+  }
+}
+
+template <typename scalar_t>
+int run(const Config& config, std::ifstream& in, std::ofstream& out) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using Chunk = ChunkOf<scalar_t>;
+  const int batch = config.batch, dim = config.dim, heads = config.heads;
+  const bool cls = config.spec == kSpecCls || config.spec == kSpecClsAp;
+  const bool average = config.spec == kSpecAp || config.spec == kSpecClsAp;
+
+  std::vector<scalar_t> storage = read_doubles<scalar_t>(in, config.storage_length);
+  std::vector<acc_t> weight = read_doubles<acc_t>(in, int64_t(heads) * dim);
+
+  GatherArgs args{};
+  args.num_layers = config.num_layers;
+  args.spec = config.spec;
+  args.num_prefix_tokens = config.spec == kSpecAll ? 0 : config.prefix;
+  args.dim = dim;
+  args.padded_dim = round_up_to(dim, Chunk::kWidth);
+  int num_tokens = 0;
+  for (int l = 0; l < config.num_layers; ++l) {
+    LayerArgs& view = args.layers[l];
+    view.data = storage.data() + config.offset[l];
+    view.stride_batch = config.stride_batch[l];
+    view.stride_row = config.stride_row[l];
+    view.stride_dim = config.stride_dim[l];
+    view.length = static_cast<int32_t>(config.length[l]);
+    view.first_token = num_tokens;
+    num_tokens += config.spec == kSpecAll ? view.length : (cls ? 1 : 0) + (average ? 1 : 0);
+    const bool vector = view.stride_dim == 1 && dim % Chunk::kWidth == 0 &&
+                        view.stride_row % Chunk::kPerLoad == 0 &&
+                        view.stride_batch % Chunk::kPerLoad == 0 &&
+                        reinterpret_cast<uintptr_t>(view.data) % 16 == 0;
+    if (vector) args.vector_loads |= uint64_t(1) << l;
+  }
+  args.num_tokens = num_tokens;
+  std::vector<acc_t> grad_pooled = read_doubles<acc_t>(in, int64_t(batch) * heads * dim);
+  std::vector<acc_t> grad_attention;
+  if (config.has_grad_attention) grad_attention = read_doubles<acc_t>(in, int64_t(batch) * heads * num_tokens);
+
+  const int padded_dim = args.padded_dim;
+  const int partial = average ? average_groups(padded_dim, Chunk::kWidth) * padded_dim : 0;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  std::vector<acc_t> pooled(int64_t(batch) * heads * dim, nan), attention(int64_t(batch) * heads * num_tokens, nan);
+  std::vector<acc_t> mean(int64_t(batch) * num_tokens, nan), rstd(int64_t(batch) * num_tokens, nan);
+
+  // Forward.
+  const int head_tiles = ceil_div(heads, config.head_tile);
+  const size_t forward_bytes =
+      slot_bytes(config.tile_tokens) +
+      sizeof(acc_t) * forward_shared_elements(config.tile_tokens, round_up_to(config.head_tile, 4),
+                                              padded_dim, partial);
+  emu::launch(Dim3{unsigned(batch * head_tiles)}, Dim3{unsigned(kThreads)}, forward_bytes, [&] {
+    fused_pool_forward_kernel<scalar_t, acc_t>(args, weight.data(), heads, config.head_tile,
+                                               config.tile_tokens, static_cast<acc_t>(config.eps),
+                                               pooled.data(), attention.data(), mean.data(), rstd.data());
+  });
+
+  // Backward, on the forward's outputs.
+  GradArgs grads{};
+  std::vector<std::vector<scalar_t>> grad_layers;
+  if (config.layers_need_grad) {
+    for (int l = 0; l < config.num_layers; ++l) {
+      grad_layers.emplace_back(int64_t(batch) * config.length[l] * dim, static_cast<scalar_t>(nan));
+    }
+    for (int l = 0; l < config.num_layers; ++l) {
+      grads.data[l] = grad_layers[l].data();
+      if (dim % Chunk::kWidth == 0 && reinterpret_cast<uintptr_t>(grads.data[l]) % 16 == 0) {
+        grads.vector_stores |= uint64_t(1) << l;
+      }
+    }
+  }
+  const int padded_heads = round_up_to(heads, 4);
+  const int blocks = std::min(batch, config.backward_blocks);
+  std::vector<acc_t> partials(int64_t(blocks) * padded_heads * padded_dim, nan);
+  std::vector<acc_t> grad_weight(int64_t(heads) * dim, nan);
+  const size_t backward_bytes =
+      slot_bytes(config.tile_tokens) +
+      sizeof(acc_t) * backward_shared_elements(config.tile_tokens, padded_heads, padded_dim, partial,
+                                               config.layers_need_grad, config.weight_grad_in_shared);
+  emu::launch(Dim3{unsigned(blocks)}, Dim3{unsigned(kThreads)}, backward_bytes, [&] {
+    fused_pool_backward_kernel<scalar_t, acc_t>(
+        args, grads, weight.data(), grad_pooled.data(),
+        config.has_grad_attention ? grad_attention.data() : nullptr, pooled.data(), attention.data(),
+        mean.data(), rstd.data(), batch, heads, config.tile_tokens, config.layers_need_grad,
+        config.weight_grad_in_shared, partials.data());
+  });
+  emu::launch(Dim3{unsigned(ceil_div(heads * dim, kThreads))}, Dim3{unsigned(kThreads)}, 0, [&] {
+    weight_grad_reduce_kernel<acc_t>(partials.data(), blocks, heads, dim, padded_heads, padded_dim,
+                                     grad_weight.data());
+  });
+
+  write_doubles(out, pooled);
+  write_doubles(out, attention);
+  write_doubles(out, mean);
+  write_doubles(out, rstd);
+  for (const auto& grad : grad_layers) write_doubles(out, grad);
+  write_doubles(out, grad_weight);
+  return out ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 4) emu::fail("usage: run_kernels CONFIG INPUT OUTPUT");
+  std::ifstream text(argv[1]);
+  Config c;
+  text >> c.dtype >> c.batch >> c.dim >> c.heads >> c.spec >> c.prefix >> c.eps >> c.tile_tokens >>
+      c.head_tile >> c.layers_need_grad >> c.weight_grad_in_shared >> c.backward_blocks >>
+      c.has_grad_attention >> c.seed >> c.storage_length >> c.num_layers;
+  if (!text || c.num_layers < 1 || c.num_layers > kMaxLayers) emu::fail("bad config");
+  for (int l = 0; l < c.num_layers; ++l) {
+    int64_t length, sb, sr, sd, offset;
+    text >> length >> sb >> sr >> sd >> offset;
+    c.length.push_back(length), c.stride_batch.push_back(sb), c.stride_row.push_back(sr);
+    c.stride_dim.push_back(sd), c.offset.push_back(offset);
+  }
+  if (!text) emu::fail("bad layer config");
+  emu::rng().seed(c.seed);
+  std::ifstream in(argv[2], std::ios::binary);
+  std::ofstream out(argv[3], std::ios::binary);
+  switch (c.dtype) {
+    case 0: return run<float>(c, in, out);
+    case 1: return run<double>(c, in, out);
+    case 2: return run<c10::Half>(c, in, out);
+    case 3: return run<c10::BFloat16>(c, in, out);
+  }
+  emu::fail("bad dtype");
+}

@@ -1,0 +1,214 @@
+"""The CUDA kernels of csrc/cuda, executed on the CPU by tests/cuda_emulation, against the torch
+backend: so that every submission runs the kernels' code, not only compiles it.
+
+The emulator runs each CUDA thread as a fiber with real barriers and warp shuffles, in a
+random order between barriers, with NaN-filled shared memory, a canary after it and alignment
+checks on 16-byte accesses (tests/cuda_emulation/emulator.h). It compiles the kernel headers with
+the host compiler, so the tile sizes that the host planner would pick on a GPU are given here,
+covering every path: tiles of 8 to 32 tokens, head tiles, dw in shared or global memory,
+dw-only backward, fewer backward blocks than samples, vector and scalar loads.
+"""
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastfuse.backends import pytorch as torch_backend
+from fastfuse.gather import num_gathered_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "cuda_emulation"
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SPECS = {"cls": 0, "ap": 1, "cls+ap": 2, "all": 3}
+# Normwise relative error allowed against the float64 torch backend on the same (rounded)
+# inputs: forward outputs are float32 / float64; layer gradients come back in the input dtype.
+FORWARD_TOL = {torch.float32: 2e-5, torch.float64: 1e-11, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+GRAD_TOL = {torch.float32: 2e-5, torch.float64: 1e-11, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(scope="session")
+def runner(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler (g++) to build the CUDA emulation")
+    binary = tmp_path_factory.mktemp("cuda_emulation") / "run_kernels"
+    include = Path(torch.__file__).resolve().parent / "include"
+    result = subprocess.run(
+        [compiler, "-std=c++20", "-O1", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}", "-isystem", str(include),
+         str(EMULATION / "run_kernels.cpp"), "-o", str(binary)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return binary
+
+
+@dataclass
+class Case:
+    dtype: torch.dtype = torch.float32
+    batch: int = 3
+    dim: int = 24
+    heads: int = 3
+    lengths: tuple = (11,)
+    tokens: str = "all"
+    prefix: int = 1
+    layout: str = "contiguous"   # contiguous | transposed | strided-d | offset
+    tile_tokens: int = 8
+    head_tile: int = 0          # 0: all heads
+    need_grad: bool = True
+    dw_shared: bool = True
+    backward_blocks: int = 64
+    grad_attention: bool = True
+    seed: int = 0               # the data
+    schedule_seed: int = 0      # the emulator's thread order between barriers
+    layers: list = field(default_factory=list, repr=False)
+
+
+def _make_layers(case: Case, generator):
+    """One storage holding every layer, each a (B, T, D) strided view of it (as hooks give)."""
+    dim, batch = case.dim, case.batch
+    chunks, views, offset = [], [], 0
+    for length in case.lengths:
+        if case.layout == "transposed":      # (T, B, D + 3) storage, features 1..D
+            block = torch.randn(length, batch, dim + 3, generator=generator, dtype=torch.float64)
+            start, view_strides = 1, (dim + 3, batch * (dim + 3), 1)
+        elif case.layout == "strided-d":     # feature stride 2: the scalar path
+            block = torch.randn(batch, length, dim, 2, generator=generator, dtype=torch.float64)
+            start, view_strides = 1, (length * dim * 2, dim * 2, 2)
+        elif case.layout == "offset":        # contiguous, but one element off 16-byte alignment
+            block = torch.randn(batch * length * dim + 1, generator=generator, dtype=torch.float64)
+            start, view_strides = 1, (length * dim, dim, 1)
+        else:
+            block = torch.randn(batch, length, dim, generator=generator, dtype=torch.float64)
+            start, view_strides = 0, (length * dim, dim, 1)
+        flat = block.reshape(-1) * 1.5 + 0.3
+        # Each layer starts 64-byte aligned in the emulator's storage (plus `start`).
+        pad = (-offset) % 32
+        chunks.append(torch.zeros(pad, dtype=torch.float64))
+        offset += pad
+        chunks.append(flat)
+        views.append((length, view_strides, offset + start))
+        offset += flat.numel()
+    storage = torch.cat(chunks)
+    storage = storage.to(case.dtype)  # rounded once: kernels and reference see the same values
+    layers = [storage.as_strided((batch, length, dim), strides, start) for length, strides, start in views]
+    return storage, layers, views
+
+
+def run_case(runner, case: Case, tmp_path):
+    generator = torch.Generator().manual_seed(case.seed)
+    storage, layers, views = _make_layers(case, generator)
+    acc = torch.float64 if case.dtype == torch.float64 else torch.float32
+    num_tokens = num_gathered_tokens(case.lengths, case.tokens)
+    weight = (torch.randn(case.heads, case.dim, generator=generator, dtype=torch.float64) * 0.5).to(acc)
+    grad_pooled = torch.randn(case.batch, case.heads, case.dim, generator=generator, dtype=torch.float64).to(acc)
+    grad_attention = (torch.randn(case.batch, case.heads, num_tokens, generator=generator, dtype=torch.float64).to(acc)
+                      if case.grad_attention else None)
+    head_tile = case.head_tile or case.heads
+
+    config = [DTYPES[case.dtype], case.batch, case.dim, case.heads, SPECS[case.tokens], case.prefix, 1e-5,
+              case.tile_tokens, head_tile, int(case.need_grad), int(case.dw_shared), case.backward_blocks,
+              int(case.grad_attention), case.schedule_seed, storage.numel(), len(layers)]
+    lines = [" ".join(map(str, config))]
+    for length, strides, start in views:
+        lines.append(" ".join(map(str, (length, *strides, start))))
+    (tmp_path / "config.txt").write_text("\n".join(lines) + "\n")
+    inputs = [storage.double(), weight.double(), grad_pooled.double()]
+    if grad_attention is not None:
+        inputs.append(grad_attention.double())
+    np.concatenate([t.reshape(-1).numpy() for t in inputs]).astype("<f8").tofile(tmp_path / "input.bin")
+    result = subprocess.run([str(runner), str(tmp_path / "config.txt"), str(tmp_path / "input.bin"),
+                             str(tmp_path / "output.bin")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = torch.from_numpy(np.fromfile(tmp_path / "output.bin", dtype="<f8"))
+
+    shapes = [(case.batch, case.heads, case.dim), (case.batch, case.heads, num_tokens),
+              (case.batch, num_tokens), (case.batch, num_tokens)]
+    if case.need_grad:
+        shapes += [(case.batch, length, case.dim) for length in case.lengths]
+    shapes.append((case.heads, case.dim))
+    outputs, position = [], 0
+    for shape in shapes:
+        count = int(np.prod(shape))
+        outputs.append(values[position:position + count].reshape(shape))
+        position += count
+    assert position == values.numel()
+    return outputs, (layers, weight, grad_pooled, grad_attention)
+
+
+def reference(case: Case, layers, weight, grad_pooled, grad_attention):
+    layers64 = [layer.double() for layer in layers]
+    forward = torch_backend.forward(layers64, weight.double(), case.tokens, case.prefix, 1e-5)
+    grads, grad_weight = torch_backend.backward(
+        grad_pooled.double(), None if grad_attention is None else grad_attention.double(), layers64,
+        weight.double(), *forward, case.tokens, case.prefix)
+    return list(forward), list(grads), grad_weight
+
+
+def rel_err(actual, expected):
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    return (actual - expected).abs().max().item() / max(scale, 1e-30) if expected.numel() else 0.0
+
+
+def check(runner, case, tmp_path):
+    outputs, inputs = run_case(runner, case, tmp_path)
+    forward, grads, grad_weight = reference(case, *inputs)
+    names = ["pooled", "attention", "mean", "rstd"]
+    for name, ours, theirs in zip(names, outputs[:4], forward):
+        assert torch.isfinite(ours).all(), f"{name}: non-finite values (uninitialised shared memory?)"
+        assert rel_err(ours, theirs) < FORWARD_TOL[case.dtype], f"{name}: {rel_err(ours, theirs):.3g}"
+    ours_grads = outputs[4:-1]
+    if case.need_grad:
+        for index, (ours, theirs) in enumerate(zip(ours_grads, grads)):
+            assert torch.isfinite(ours).all(), f"layer {index} gradient: unwritten elements"
+            assert rel_err(ours, theirs) < GRAD_TOL[case.dtype], f"layer {index}: {rel_err(ours, theirs):.3g}"
+    tol = FORWARD_TOL[case.dtype] * 5
+    assert torch.isfinite(outputs[-1]).all()
+    assert rel_err(outputs[-1], grad_weight) < tol, f"dw: {rel_err(outputs[-1], grad_weight):.3g}"
+    return outputs
+
+
+CASES = [
+    # (B, N, D) tokens: one tile, several tiles with a ragged last one, all tile sizes.
+    pytest.param(Case(lengths=(5,), tile_tokens=8), id="tokens-N5"),
+    pytest.param(Case(lengths=(37,), tile_tokens=16, dim=36, heads=5), id="tokens-N37-t16-D36"),
+    pytest.param(Case(lengths=(70,), tile_tokens=32, heads=1, grad_attention=False), id="tokens-N70-t32-H1"),
+    # Token specs over layers of different lengths, views of one storage.
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls", layout="transposed"), id="cls-transposed"),
+    pytest.param(Case(lengths=(9, 7, 12), tokens="ap", prefix=5), id="ap-prefix5"),
+    pytest.param(Case(lengths=(9, 7, 12, 9, 3), tokens="cls+ap", tile_tokens=8), id="cls+ap-5layers"),
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", prefix=0), id="cls+ap-prefix0"),
+    pytest.param(Case(lengths=(9, 0, 12), tokens="all", layout="strided-d"), id="all-empty-layer-strided"),
+    pytest.param(Case(lengths=(300, 150), tokens="ap", dim=40, heads=2, tile_tokens=8), id="ap-long-rows"),
+    # Scalar path: unaligned storage, D not a multiple of the chunk.
+    pytest.param(Case(lengths=(9, 7), tokens="cls+ap", layout="offset"), id="cls+ap-misaligned"),
+    pytest.param(Case(lengths=(13,), dim=21, heads=6), id="tokens-D21"),
+    # Plans: head tiles, dw in global memory, dw only, fewer blocks than samples.
+    pytest.param(Case(lengths=(19,), heads=11, head_tile=4), id="head-tiles"),
+    pytest.param(Case(lengths=(19,), heads=6, dw_shared=False, backward_blocks=2, batch=5), id="dw-global-2blocks"),
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", need_grad=False), id="dw-only"),
+    pytest.param(Case(lengths=(300,), dim=64, heads=40, tile_tokens=32, batch=2), id="tokens-H40-D64"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["f32", "f64", "f16", "bf16"])
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_torch_backend(runner, case, dtype, tmp_path):
+    if dtype != torch.float32 and case.lengths[0] >= 70:
+        pytest.skip("the long cases run in float32 only, to keep the emulation quick")
+    check(runner, Case(**{**case.__dict__, "dtype": dtype}), tmp_path)
+
+
+def test_schedule_does_not_change_results(runner, tmp_path):
+    """Other random thread orders between barriers give bitwise the same outputs (no race)."""
+    results = []
+    for schedule_seed in (1, 2, 3):
+        folder = tmp_path / str(schedule_seed)
+        folder.mkdir()
+        case = Case(lengths=(9, 7, 12), tokens="cls+ap", heads=6, schedule_seed=schedule_seed)
+        results.append(check(runner, case, folder))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
