@@ -42,6 +42,8 @@ def _check_tensor(value, name: str) -> torch.Tensor:
             f"{name} must have shape (batch, tokens, dim), got {value.dim()} dimensions "
             f"with shape {tuple(value.shape)}"
         )
+    if value.shape[2] < 1:
+        raise ValueError(f"{name} has feature size 0 (shape {tuple(value.shape)}): expected dim >= 1")
     return value
 
 
@@ -119,8 +121,13 @@ def gather_tokens(layers, tokens: str, num_prefix_tokens: int, dtype: torch.dtyp
 def scatter_token_grads(grad_tokens: torch.Tensor, layers, tokens: str, num_prefix_tokens: int):
     """Adjoint of :func:`gather_tokens`: d tokens (B, N, D) -> one gradient per layer."""
     if tokens == "all":
+        if len(layers) == 1:
+            return [grad_tokens.to(layers[0].dtype).contiguous()]
+        # Copies: a part that is already contiguous (batch of 1, an empty layer) would
+        # otherwise be a view, and the op's outputs must not alias each other.
         parts = grad_tokens.split([layer.shape[1] for layer in layers], dim=1)
-        return [part.to(layer.dtype).contiguous() for part, layer in zip(parts, layers)]
+        return [part.to(dtype=layer.dtype, memory_format=torch.contiguous_format, copy=True)
+                for part, layer in zip(parts, layers)]
     per_layer = 2 if tokens == "cls+ap" else 1
     grads = []
     for index, layer in enumerate(layers):

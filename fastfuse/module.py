@@ -100,6 +100,9 @@ class AttentiveFusion(nn.Module):
         if layers[0].shape[-1] != self.dim:
             raise ValueError(f"x has feature size {layers[0].shape[-1]} but the probe was built "
                              f"with dim={self.dim}")
+        if layers[0].device != self.query_token.device:
+            raise ValueError(f"x is on {layers[0].device} but the probe's parameters are on "
+                             f"{self.query_token.device}: move one of them with .to(device)")
         block, attn = self.attn_block, self.attn_block.cross_attn
         weight = self.score_weight()
         pooled, attention = attentive_pool(list(layers), weight, tokens=tokens,

@@ -98,11 +98,19 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     """
     layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
     score_weight = check_score_weight(score_weight, layers[0])
+    eps = check_eps(eps)
     name = _resolve_backend(backend, layers, score_weight)
     acc = compute_dtype(layers[0].dtype)
     pooled, attention, _mean, _rstd = _attentive_pool_op(
-        list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, float(eps), name)
+        list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name)
     return pooled, attention
+
+
+def check_eps(eps) -> float:
+    # A negative eps makes rsqrt(var + eps) NaN for near-constant tokens: refuse it up front.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def check_score_weight(score_weight, reference: Tensor) -> Tensor:

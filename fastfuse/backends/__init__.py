@@ -31,7 +31,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
     def not_supported_reasons(self, layers, score_weight) -> list[str]:
-        available, reason = self.availability()
+        available, reason = _availability_of(self.name)
         reasons = [] if available else [reason]
         device = layers[0].device
         if device.type not in self.device_types:
@@ -43,6 +43,15 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+
+
+@torch.compiler.assume_constant_result
+def _availability_of(name: str) -> tuple[bool, str]:
+    """A registered backend's availability. Decided once per process; torch.compile takes it
+    as a constant, since the checks behind it (a lock, imports, lru_cache) cannot be traced."""
+    return _BACKENDS[name].availability()
+
+
 # Preference per device type for "auto"; the last entry always serves.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
@@ -108,9 +117,13 @@ def resolve(backend: str | None, layers, score_weight) -> str:
     """The concrete backend that will run this input."""
     name = requested_name(backend)
     if name != "auto":
-        reasons = _BACKENDS[name].not_supported_reasons(layers, score_weight)
+        chosen = _BACKENDS[name]
+        reasons = chosen.not_supported_reasons(layers, score_weight)
         if reasons:
-            raise RuntimeError(f"fastfuse backend {name!r} cannot run this input: " + "; ".join(reasons))
+            message = f"fastfuse backend {name!r} cannot run this input: " + "; ".join(reasons)
+            # A dtype the backend does not take is a wrong argument type, not a failure to run.
+            only_dtype = len(reasons) == 1 and layers[0].dtype not in chosen.dtypes
+            raise (TypeError if only_dtype else RuntimeError)(message)
         return name
     device_type = layers[0].device.type
     skipped = []
