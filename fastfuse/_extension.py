@@ -6,6 +6,7 @@ of :mod:`fastfuse.backends.compiled_ops`, which are therefore imported first. Lo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -48,13 +49,22 @@ def _load_once() -> tuple[bool, str]:
     try:
         import torch
 
-        from .backends import compiled_ops  # noqa: F401  (schemas before the kernels)
+        from .backends import compiled_ops  # schemas before the kernels
     except Exception as error:  # noqa: BLE001 - reported, never raised
         return False, f"cannot import torch / fastfuse.backends.compiled_ops: {error}"
     path = library_path()
     if path is None:
         return False, (f"the compiled kernels are not built (no _C*.so in {_PACKAGE_DIR}); build "
                        f"them from the repository root with `{_BUILD_COMMAND}`")
+    # A library registered against other op schemas aborts the process when loaded (the
+    # registration throws inside the dynamic loader), so a stale build is refused up front.
+    expected = build_info().get("schema_sha256")
+    if expected is not None:
+        actual = hashlib.sha256(Path(compiled_ops.__file__).read_bytes()).hexdigest()
+        if actual != expected:
+            return False, (f"{path} was built against other op schemas "
+                           f"(fastfuse/backends/compiled_ops.py changed since the build); "
+                           f"rebuild with `{_BUILD_COMMAND}`")
     try:
         torch.ops.load_library(str(path))
     except Exception as error:  # noqa: BLE001
