@@ -126,7 +126,9 @@ def capture(fragment_dir: Path, command: list[str]) -> int:
     sys.stderr.write("".join(kept))
     if result.returncode == 0:
         fragment_dir.mkdir(parents=True, exist_ok=True)
-        ptxas = [line for line in result.stderr.splitlines() if line.startswith("ptxas") or _FRAME.search(line)]
+        # "Compile time" lines change every build; dropping them keeps the checked-in report stable.
+        ptxas = [line for line in result.stderr.splitlines()
+                 if (line.startswith("ptxas") or _FRAME.search(line)) and "Compile time" not in line]
         (fragment_dir / f"{_source_of(command)}.ptxas").write_text("\n".join(ptxas) + "\n")
     return result.returncode
 
