@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from . import Backend
+from . import Backend, compiled
 
 
 def _availability() -> tuple[bool, str]:
@@ -14,17 +14,6 @@ def _availability() -> tuple[bool, str]:
     return True, "compiled C++ kernels (csrc/cpu), OpenMP over the batch"
 
 
-def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
-    return torch.ops.fastfuse.fused_pool_forward(list(layers), score_weight, tokens,
-                                                 num_prefix_tokens, eps)
-
-
-def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-              tokens, num_prefix_tokens, layers_need_grad=True):
-    return torch.ops.fastfuse.fused_pool_backward(
-        grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
-        tokens, num_prefix_tokens, layers_need_grad)
-
-
-BACKEND = Backend("cpu", ("cpu",), _availability, _forward, _backward,
+BACKEND = Backend("cpu", ("cpu",), _availability, compiled.forward,
+                  compiled.backward,
                   dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))

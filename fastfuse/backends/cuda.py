@@ -14,7 +14,7 @@ import torch
 
 from .. import _extension
 from ..gather import num_gathered_tokens
-from . import Backend
+from . import Backend, compiled
 
 # Mirrors csrc/cuda: layer descriptors travel as kernel arguments (kMaxLayers), tiles hold at
 # least 8 tokens (kTileQuantum), blocks have 256 threads (kThreads).
@@ -88,17 +88,6 @@ class CudaBackend(Backend):
         return reasons
 
 
-def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
-    return torch.ops.fastfuse.fused_pool_forward(list(layers), score_weight, tokens,
-                                                 num_prefix_tokens, eps)
-
-
-def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-              tokens, num_prefix_tokens, layers_need_grad=True):
-    return torch.ops.fastfuse.fused_pool_backward(
-        grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
-        tokens, num_prefix_tokens, layers_need_grad)
-
-
-BACKEND = CudaBackend("cuda", ("cuda",), _availability, _forward, _backward,
+BACKEND = CudaBackend("cuda", ("cuda",), _availability, compiled.forward,
+                      compiled.backward,
                       dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))

@@ -1,0 +1,17 @@
+"""Callers of the compiled kernel ops, shared by the cpu and cuda backends: one op, and the
+tensors' device picks the CPU or the CUDA kernel (schemas: compiled_ops.py)."""
+from __future__ import annotations
+
+import torch
+
+
+def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+    return torch.ops.fastfuse.fused_pool_forward(list(layers), score_weight, tokens,
+                                                 num_prefix_tokens, eps)
+
+
+def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
+             tokens, num_prefix_tokens, layers_need_grad=True):
+    return torch.ops.fastfuse.fused_pool_backward(
+        grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
+        tokens, num_prefix_tokens, layers_need_grad)
