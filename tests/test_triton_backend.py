@@ -158,6 +158,19 @@ def test_grad_weight_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first[0], second[0]))
 
 
+@pytest.mark.parametrize("tokens", ["all", "cls+ap"])
+def test_frozen_layers_compute_weight_grad_only(tokens):
+    """layers_need_grad=False (frozen features): no layer gradients, the same dw."""
+    layers = [layer.to(DEVICE) for layer in _layer_views(3, 20, torch.float32)]
+    weight = _weight(4, 20).to(DEVICE)
+    outputs = TRITON.forward(layers, weight, tokens, 1, EPS)
+    grad_pooled = torch.randn(outputs[0].shape, generator=_generator(4)).to(DEVICE)
+    full = TRITON.backward(grad_pooled, None, layers, weight, *outputs, tokens, 1, True)
+    frozen = TRITON.backward(grad_pooled, None, layers, weight, *outputs, tokens, 1, False)
+    assert len(frozen[0]) == 0 and len(full[0]) == len(layers)
+    torch.testing.assert_close(frozen[1], full[1], rtol=1e-6, atol=1e-6)
+
+
 def test_public_entry_points_run_triton():
     torch.manual_seed(0)
     layers = [layer.to(DEVICE).requires_grad_(True) for layer in _layer_views(2, 16, torch.float32)]

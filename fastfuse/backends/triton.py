@@ -231,7 +231,7 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     num_tokens = attention.shape[-1]
     acc = compute_dtype(first.dtype)
     # "cls" writes row 0 of each layer only; every other spec writes every row.
-    allocate = torch.zeros if tokens == "cls" else torch.empty
+    allocate = torch.zeros if tokens == "cls" and layers_need_grad else torch.empty
     grads = [allocate(layer.shape, dtype=layer.dtype, device=layer.device) for layer in layers]
     if batch == 0 or num_tokens == 0 or dim == 0:
         return [grad.zero_() for grad in grads] if layers_need_grad else [], torch.zeros_like(score_weight)
@@ -256,9 +256,9 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
         batch, num_tokens, dim, heads, len(layers), num_prefix_tokens,
         first.stride(0), first.stride(1), stride_d,
         ADDRESSING=addressing, HAS_GRAD_ATTENTION=grad_attention is not None,
-        ROW_ALIGN=row_align, **_dot_options(first.dtype))
-    # Per-program partials summed in a fixed order: deterministic. The kernel always writes dx;
-    # frozen features (layers_need_grad false) just drop it.
+        ROW_ALIGN=row_align, NEED_DX=layers_need_grad, **_dot_options(first.dtype))
+    # Per-program partials summed in a fixed order: deterministic. Frozen features
+    # (layers_need_grad false): the kernel computes dw only and the unwritten grads are dropped.
     return grads if layers_need_grad else [], grad_weight.sum(dim=0).to(score_weight.dtype)
 
 

@@ -69,7 +69,7 @@ def pool_backward_kernel(
     grads_ptr, grad_weight_ptr, token_scratch_ptr, head_scratch_ptr, row_scratch_ptr,
     batch, num_tokens, dim, heads, num_layers, num_prefix_tokens, stride_b, stride_t, stride_d,
     ADDRESSING: tl.constexpr, HAS_GRAD_ATTENTION: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    NEED_DX: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -186,20 +186,22 @@ def pool_backward_kernel(
                     hd_mask = h_mask[:, None] & d_mask[None, :]
                     g = tl.load(grad_pooled + hd_offs, mask=hd_mask, other=0.0)
                     w = tl.load(weight_ptr + hd_offs, mask=hd_mask, other=0.0)
-                    grad_normed = tl.dot(attention, g, grad_normed, input_precision=DOT_PRECISION)
-                    grad_normed = tl.dot(grad_scores, w, grad_normed, input_precision=DOT_PRECISION)
+                    if NEED_DX:  # frozen features: dw only
+                        grad_normed = tl.dot(attention, g, grad_normed, input_precision=DOT_PRECISION)
+                        grad_normed = tl.dot(grad_scores, w, grad_normed, input_precision=DOT_PRECISION)
                     dw_ptrs = dw_slot + hd_offs  # read-modify-write by the same threads
                     partial = tl.load(dw_ptrs, mask=hd_mask, other=0.0)
                     partial = tl.dot(tl.trans(grad_scores), normed, partial, input_precision=DOT_PRECISION)
                     tl.store(dw_ptrs, partial, mask=hd_mask)
-                grad_x = rstd[:, None] * (grad_normed - mean_grad[:, None] - normed * mean_dot[:, None])
-                nd_mask = n_mask[:, None] & d_mask[None, :]
-                if ADDRESSING == GATHERED:
-                    tl.store(dx_slot + n_offs[:, None] * dim + d_offs[None, :], grad_x, mask=nd_mask)
-                else:
-                    tl.store(grads_ptr + grad_rows[:, None] + d_offs[None, :],
-                             grad_x.to(grads_ptr.dtype.element_ty), mask=nd_mask)
-        if ADDRESSING == GATHERED:
+                if NEED_DX:
+                    grad_x = rstd[:, None] * (grad_normed - mean_grad[:, None] - normed * mean_dot[:, None])
+                    nd_mask = n_mask[:, None] & d_mask[None, :]
+                    if ADDRESSING == GATHERED:
+                        tl.store(dx_slot + n_offs[:, None] * dim + d_offs[None, :], grad_x, mask=nd_mask)
+                    else:
+                        tl.store(grads_ptr + grad_rows[:, None] + d_offs[None, :],
+                                 grad_x.to(grads_ptr.dtype.element_ty), mask=nd_mask)
+        if ADDRESSING == GATHERED and NEED_DX:
             tl.debug_barrier()
             scatter_sample(grads_ptr, layer_table_ptr, dx_slot, b64, num_layers, num_prefix_tokens,
                            dim, ACC, BLOCK_N, BLOCK_D)
