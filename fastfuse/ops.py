@@ -53,6 +53,8 @@ def _setup_context(ctx, inputs, output):
     pooled, attention, mean, rstd = output
     ctx.save_for_backward(*layers, score_weight, pooled, attention, mean, rstd)
     ctx.num_layers = len(layers)
+    # needs_input_grad[0] is True for a list input whatever its tensors need; ask them.
+    ctx.layers_need_grad = any(layer.requires_grad for layer in layers)
     ctx.options = (tokens, num_prefix_tokens, backend)
 
 
@@ -63,11 +65,11 @@ def _backward(ctx, grad_pooled, grad_attention, _grad_mean, _grad_rstd):
     if grad_pooled is None:
         grad_pooled = torch.zeros_like(pooled)
     # Probes usually train on frozen features: then no token gradient is computed at all.
-    layers_need_grad = bool(ctx.needs_input_grad[0])
+    layers_need_grad = ctx.layers_need_grad
     grad_layers, grad_weight = _attentive_pool_backward_op(
         grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
         tokens, num_prefix_tokens, layers_need_grad, backend)
-    grad_layers = list(grad_layers) if layers_need_grad else None
+    grad_layers = list(grad_layers) if layers_need_grad else [None] * ctx.num_layers
     return grad_layers, grad_weight, None, None, None, None
 
 

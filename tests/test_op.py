@@ -101,3 +101,30 @@ def test_torch_compile_matches_eager(backend_device):
     (grad_compiled,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+def test_frozen_features_skip_token_gradients(monkeypatch):
+    """Layers that do not require grad (a frozen backbone's features): the backends are asked
+    for dw only; a layer that does require grad gets its gradient."""
+    import dataclasses
+
+    import fastfuse.ops
+    from fastfuse.backends import get
+
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])
+        return get("torch").backward(*args)
+
+    monkeypatch.setattr(fastfuse.ops, "_get_backend",
+                        lambda name: dataclasses.replace(get(name), backward=spy))
+    weight = torch.randn(2, 8, requires_grad=True)
+    frozen = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    pooled, _ = fastfuse.attentive_pool(frozen, weight, tokens="cls+ap", backend="torch")
+    pooled.sum().backward()
+    live = [torch.randn(2, 5, 8), torch.randn(2, 5, 8, requires_grad=True)]
+    pooled, _ = fastfuse.attentive_pool(live, weight, tokens="cls+ap", backend="torch")
+    pooled.sum().backward()
+    assert seen == [False, True]
+    assert live[0].grad is None and live[1].grad.shape == (2, 5, 8)
