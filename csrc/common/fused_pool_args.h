@@ -171,4 +171,18 @@ inline PoolProblem check_backward_args(const at::Tensor& grad_pooled,
   return problem;
 }
 
+// The forward's outputs (SPEC §3): pooled (B, H, D), attention (B, H, N), mean and rstd (B, N),
+// contiguous, in the compute dtype, on the layers' device.
+struct ForwardOutputs {
+  at::Tensor pooled, attention, mean, rstd;
+};
+
+inline ForwardOutputs allocate_forward_outputs(const PoolProblem& problem, const at::Tensor& layer) {
+  const auto options = layer.options().dtype(problem.compute_dtype);
+  const int64_t batch = problem.batch, heads = problem.heads, num_tokens = problem.num_tokens();
+  return {at::empty({batch, heads, problem.dim}, options),
+          at::empty({batch, heads, num_tokens}, options), at::empty({batch, num_tokens}, options),
+          at::empty({batch, num_tokens}, options)};
+}
+
 }  // namespace fastfuse

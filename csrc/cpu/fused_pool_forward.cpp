@@ -34,11 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   const int64_t num_tokens = problem.num_tokens();
   const int64_t padded_dim = round_up(dim, lanes<acc_t>());
   const int64_t padded_heads = round_up(heads, kRowBlock);
-  const auto options = layers[0].options().dtype(problem.compute_dtype);
-  at::Tensor pooled = at::empty({batch, heads, dim}, options);
-  at::Tensor attention = at::empty({batch, heads, num_tokens}, options);
-  at::Tensor mean = at::empty({batch, num_tokens}, options);
-  at::Tensor rstd = at::empty({batch, num_tokens}, options);
+  auto [pooled, attention, mean, rstd] = allocate_forward_outputs(problem, layers[0]);
   if (batch == 0) return {pooled, attention, mean, rstd};
   advise_huge_pages(pooled);
   advise_huge_pages(attention);

@@ -155,11 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
   const int64_t num_tokens = problem.num_tokens();
-  const auto options = layers[0].options().dtype(problem.compute_dtype);
-  at::Tensor pooled = at::empty({batch, heads, dim}, options);
-  at::Tensor attention = at::empty({batch, heads, num_tokens}, options);
-  at::Tensor mean = at::empty({batch, num_tokens}, options);
-  at::Tensor rstd = at::empty({batch, num_tokens}, options);
+  auto [pooled, attention, mean, rstd] = allocate_forward_outputs(problem, layers[0]);
   if (batch == 0) return {pooled, attention, mean, rstd};
 
   const GatherArgs args = make_gather_args<scalar_t>(problem, layers);
