@@ -24,39 +24,37 @@ class ProbeConfig:
     round: int = 0
 
 
-def _floats(values, name: str, *, positive: bool) -> tuple[float, ...]:
+def _values(values, name: str, convert, scalars, example: str, kind: str) -> tuple:
+    """A comma-separated string, one scalar or a sequence -> a non-empty tuple."""
     if isinstance(values, str):
         values = [part for part in values.split(",") if part.strip()]
-    elif isinstance(values, (int, float)):
+    elif isinstance(values, scalars):
         values = [values]
     try:
-        result = tuple(float(value) for value in values)
+        result = tuple(convert(value) for value in values)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be numbers (e.g. '1e-4,1e-3'), got {values!r}") from error
+        raise ValueError(f"{name} must be {kind} (e.g. '{example}'), got {values!r}") from error
     if not result:
         raise ValueError(f"{name} is empty")
+    return result
+
+
+def _no_repeats(result: tuple, name: str) -> tuple:
+    if len(set(result)) != len(result):
+        raise ValueError(f"{name} repeats a value: {list(result)}")
+    return result
+
+
+def _floats(values, name: str, *, positive: bool) -> tuple[float, ...]:
+    result = _values(values, name, float, (int, float), "1e-4,1e-3", "numbers")
     for value in result:
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise ValueError(f"{name} values must be finite and {'> 0' if positive else '>= 0'}, got {value}")
-    if len(set(result)) != len(result):
-        raise ValueError(f"{name} repeats a value: {list(result)}")
-    return result
+    return _no_repeats(result, name)
 
 
 def _ints(values, name: str) -> tuple[int, ...]:
-    if isinstance(values, str):
-        values = [part for part in values.split(",") if part.strip()]
-    elif isinstance(values, int):
-        values = [values]
-    try:
-        result = tuple(int(value) for value in values)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be integers (e.g. '0,1'), got {values!r}") from error
-    if not result:
-        raise ValueError(f"{name} is empty")
-    if len(set(result)) != len(result):
-        raise ValueError(f"{name} repeats a value: {list(result)}")
-    return result
+    return _no_repeats(_values(values, name, int, int, "0,1", "integers"), name)
 
 
 @dataclasses.dataclass(frozen=True)
