@@ -210,10 +210,10 @@ def test_layernorm_robust_to_magnitude(backend_device, dtype, scale, tokens):
 
 @pytest.mark.parametrize("tokens", ["ap", "cls+ap"])
 def test_patch_average_does_not_overflow(backend_device, tokens):
-    """float32 patches near 1e37, all positive: their sum overflows, their average does not."""
+    """float32 patches near 1e37, mostly positive: their sum overflows, their average does not."""
     backend, device = backend_device
     generator = torch.Generator().manual_seed(4)
-    layers = [((torch.randn(2, 60, 16, generator=generator, dtype=torch.float64) * 0.1 + 3.0))
+    layers = [(torch.randn(2, 60, 16, generator=generator, dtype=torch.float64) + 2.0)
               for _ in range(2)]
     huge = [(layer * 1e37).float() for layer in layers]
     stacked = stack_tokens([layer.double() / 1e37 for layer in huge], tokens, 1)

@@ -22,6 +22,14 @@ inline TokenSpec parse_token_spec(const std::string& tokens) {
               tokens, "'");
 }
 
+// attentive_pool's normalize= (SPEC §5): LayerNorm without affine, or the raw tokens.
+inline bool parse_layernorm(const std::string& normalize) {
+  if (normalize == "layernorm") return true;
+  if (normalize == "none") return false;
+  TORCH_CHECK(false, "fastfuse: normalize must be one of 'layernorm', 'none', got '", normalize,
+              "'");
+}
+
 inline bool reads_cls(TokenSpec spec) {
   return spec == TokenSpec::kCls || spec == TokenSpec::kClsAp;
 }
@@ -67,10 +75,11 @@ inline void check_shape(const at::Tensor& tensor, const char* name, at::IntArray
               " = ", expected, ", got ", tensor.sizes());
 }
 
-inline PoolProblem check_forward_args(at::TensorList layers, const at::Tensor& score_weight,
-                                      const std::string& tokens, int64_t num_prefix_tokens,
-                                      c10::DeviceType device) {
+// The layers and the token spec (heads stays 0): what token_moments takes.
+inline PoolProblem check_layer_args(at::TensorList layers, const std::string& tokens,
+                                    int64_t num_prefix_tokens, c10::DeviceType device) {
   PoolProblem problem;
+  problem.heads = 0;
   problem.spec = parse_token_spec(tokens);
   TORCH_CHECK(!layers.empty(), "fastfuse: layers is empty: expected at least one (B, T, D) tensor");
   const at::Tensor& first = layers[0];
@@ -98,17 +107,6 @@ inline PoolProblem check_forward_args(at::TensorList layers, const at::Tensor& s
   problem.dim = first.size(2);
   TORCH_CHECK(problem.dim >= 1, "fastfuse: the feature size D of layers must be >= 1");
 
-  check_device(score_weight, "score_weight", device);
-  TORCH_CHECK(score_weight.dim() == 2 && score_weight.size(0) >= 1 &&
-                  score_weight.size(1) == problem.dim,
-              "fastfuse: score_weight must have shape (H, D) with H >= 1 and D = ", problem.dim,
-              ", got ", score_weight.sizes());
-  TORCH_CHECK(score_weight.scalar_type() == problem.compute_dtype, "fastfuse: score_weight must be ",
-              problem.compute_dtype, " for ", problem.layer_dtype, " layers, got ",
-              score_weight.scalar_type());
-  TORCH_CHECK(score_weight.device() == first.device(), "fastfuse: score_weight is on ",
-              score_weight.device(), " but the layers are on ", first.device());
-  problem.heads = score_weight.size(0);
 
   TORCH_CHECK(num_prefix_tokens >= 0, "fastfuse: num_prefix_tokens must be >= 0, got ",
               num_prefix_tokens);
@@ -132,6 +130,25 @@ inline PoolProblem check_forward_args(at::TensorList layers, const at::Tensor& s
       problem.sources.push_back({int64_t(l), TokenSource::kAverageRow});
     }
   }
+  return problem;
+}
+
+inline PoolProblem check_forward_args(at::TensorList layers, const at::Tensor& score_weight,
+                                      const std::string& tokens, int64_t num_prefix_tokens,
+                                      c10::DeviceType device) {
+  PoolProblem problem = check_layer_args(layers, tokens, num_prefix_tokens, device);
+  const at::Tensor& first = layers[0];
+  check_device(score_weight, "score_weight", device);
+  TORCH_CHECK(score_weight.dim() == 2 && score_weight.size(0) >= 1 &&
+                  score_weight.size(1) == problem.dim,
+              "fastfuse: score_weight must have shape (H, D) with H >= 1 and D = ", problem.dim,
+              ", got ", score_weight.sizes());
+  TORCH_CHECK(score_weight.scalar_type() == problem.compute_dtype, "fastfuse: score_weight must be ",
+              problem.compute_dtype, " for ", problem.layer_dtype, " layers, got ",
+              score_weight.scalar_type());
+  TORCH_CHECK(score_weight.device() == first.device(), "fastfuse: score_weight is on ",
+              score_weight.device(), " but the layers are on ", first.device());
+  problem.heads = score_weight.size(0);
   return problem;
 }
 

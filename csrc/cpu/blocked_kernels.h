@@ -59,6 +59,28 @@ inline T reduce_sum(int64_t dim, Term term) {
   return sum_lanes(partial) + tail;
 }
 
+// max_{d < dim} |row[d]| (NaN entries may be skipped: their token's statistics are NaN anyway).
+template <typename T>
+inline T reduce_max_abs(int64_t dim, const T* __restrict row) {
+  constexpr int64_t kWidth = 4 * lanes<T>();
+  T partial[kWidth] = {};
+  int64_t d = 0;
+  for (; d + kWidth <= dim; d += kWidth) {
+#pragma omp simd
+    for (int64_t v = 0; v < kWidth; ++v) {
+      const T magnitude = row[d + v] < T(0) ? -row[d + v] : row[d + v];
+      partial[v] = partial[v] > magnitude ? partial[v] : magnitude;
+    }
+  }
+  T peak = 0;
+  for (int64_t v = 0; v < kWidth; ++v) peak = peak > partial[v] ? peak : partial[v];
+  for (; d < dim; ++d) {
+    const T magnitude = row[d] < T(0) ? -row[d] : row[d];
+    peak = peak > magnitude ? peak : magnitude;
+  }
+  return peak;
+}
+
 // out[r * out_stride + c] = x_r . y_c for r < rows, c < cols: the H x tile scores w_h . xh_n
 // (and g_h . xh_n in the backward). Each block keeps kRowBlock x kDotColumns partial sums of one
 // vector each in registers, so a chunk of x_r or y_c is loaded once per block.

@@ -15,6 +15,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "common/fused_pool_args.h"
+#include "common/fused_pool_math.h"
 #include "cpu/blocked_kernels.h"
 
 namespace fastfuse {
@@ -113,8 +115,44 @@ inline void gather_token(const LayerView<in_t>& layer, const TokenSource& source
     load_row<in_t, acc_t, true>(sample + row * layer.stride_row, layer.stride_dim, dim, out);
   }
   const acc_t count = acc_t(layer.length - num_prefix_tokens);
-#pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) out[d] /= count;
+  bool finite = true;
+#pragma omp simd reduction(&& : finite)
+  for (int64_t d = 0; d < dim; ++d) {
+    out[d] /= count;
+    finite = finite && std::isfinite(out[d]);
+  }
+  if (finite) return;
+  // The sum overflowed (or a row is not finite): average rows divided first, so that huge
+  // but finite patches keep a finite average (issue 12 item 7).
+  std::fill(out, out + dim, acc_t(0));
+  for (int64_t row = num_prefix_tokens; row < layer.length; ++row) {
+    const in_t* values = sample + row * layer.stride_row;
+    for (int64_t d = 0; d < dim; ++d) out[d] += acc_t(values[d * layer.stride_dim]) / count;
+  }
+}
+
+// LayerNorm statistics of one token row (SPEC §2), robust to its magnitude
+// (fused_pool_math.h: token_scale). Summation order is that of reduce_sum, so tokens with
+// max |x| <= 1 get the statistics of the plain two-pass formula bit for bit.
+template <typename acc_t>
+inline void token_statistics(const acc_t* __restrict row, int64_t dim, acc_t eps,
+                             acc_t& mean_out, acc_t& rstd_out) {
+  namespace fm = fastfuse::math;
+  const acc_t dim_count = static_cast<acc_t>(dim);
+  const acc_t peak = reduce_max_abs<acc_t>(dim, row);
+  const acc_t scale = fm::token_scale(peak);
+  const acc_t inverse = acc_t(1) / scale;  // a power of two: multiplying by it is exact
+  acc_t sum = reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d]; });
+  // sum(x) / scale == sum(x / scale) unless sum(x) overflowed: then sum the scaled values.
+  sum = std::isfinite(sum) ? sum * inverse
+                           : reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d] * inverse; });
+  const acc_t mean_scaled = sum / dim_count;
+  const acc_t centered = reduce_sum<acc_t>(dim, [&](int64_t d) {
+    const acc_t deviation = row[d] * inverse - mean_scaled;
+    return deviation * deviation;
+  });
+  mean_out = mean_scaled * scale;
+  rstd_out = fm::scaled_layernorm_rstd(centered, dim_count, eps, scale) * inverse;
 }
 
 // Tokens n0..n0+count-1 of sample b into the rows of `tile`, back to back: one burst of reads

@@ -34,7 +34,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
     const PoolProblem& problem, const at::Tensor& grad_pooled_in,
     const std::optional<at::Tensor>& grad_attention_in, at::TensorList layers,
     const at::Tensor& score_weight, const at::Tensor& pooled_in, const at::Tensor& attention_in,
-    const at::Tensor& mean_in, const at::Tensor& rstd_in, bool layers_need_grad) {
+    const at::Tensor& mean_in, const at::Tensor& rstd_in, bool layers_need_grad, bool layernorm) {
   using acc_t = at::opmath_type<in_t>;
   const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
   const int64_t num_tokens = problem.num_tokens();
@@ -177,10 +177,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
           const int64_t n = n0 + j;
           const acc_t* xh = tile + j * padded_dim;
           const acc_t* dxh = grad_tile + j * padded_dim;
-          const acc_t mean_grad = reduce_sum<acc_t>(dim, [&](int64_t d) { return dxh[d]; }) / dim_count;
+          // normalize="none": dx = dxh, which is the formula with rstd 1 and both means 0.
+          const acc_t mean_grad =
+              layernorm ? reduce_sum<acc_t>(dim, [&](int64_t d) { return dxh[d]; }) / dim_count : 0;
           const acc_t mean_grad_xh =
-              reduce_sum<acc_t>(dim, [&](int64_t d) { return dxh[d] * xh[d]; }) / dim_count;
-          const acc_t row_rstd = rstd_data[b * num_tokens + n];
+              layernorm ? reduce_sum<acc_t>(dim, [&](int64_t d) { return dxh[d] * xh[d]; }) / dim_count
+                        : 0;
+          const acc_t row_rstd = layernorm ? rstd_data[b * num_tokens + n] : acc_t(1);
           if (all_tokens) {
             const TokenSource& source = problem.sources[n];
             const int64_t length = problem.lengths[source.layer];
@@ -254,7 +257,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cpu(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_attention,
     at::TensorList layers, const at::Tensor& score_weight, const at::Tensor& pooled,
     const at::Tensor& attention, const at::Tensor& mean, const at::Tensor& rstd,
-    c10::string_view tokens, int64_t num_prefix_tokens, bool layers_need_grad) {
+    c10::string_view tokens, int64_t num_prefix_tokens, bool layers_need_grad,
+    c10::string_view normalize) {
+  const bool layernorm = parse_layernorm(std::string(normalize));
   const PoolProblem problem =
       check_backward_args(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
                           mean, rstd, std::string(tokens), num_prefix_tokens, c10::DeviceType::CPU);
@@ -262,7 +267,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
                                   "fused_pool_backward_cpu", [&] {
     result = backward_typed<scalar_t>(problem, grad_pooled, grad_attention, layers, score_weight,
-                                      pooled, attention, mean, rstd, layers_need_grad);
+                                      pooled, attention, mean, rstd, layers_need_grad, layernorm);
   });
   return result;
 }

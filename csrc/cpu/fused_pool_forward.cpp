@@ -28,7 +28,7 @@ namespace fm = fastfuse::math;
 template <typename in_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     const PoolProblem& problem, at::TensorList layers, const at::Tensor& score_weight,
-    double eps_value) {
+    double eps_value, bool layernorm) {
   using acc_t = at::opmath_type<in_t>;
   const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
   const int64_t num_tokens = problem.num_tokens();
@@ -63,7 +63,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   acc_t* mean_out = mean.data_ptr<acc_t>();
   acc_t* rstd_out = rstd.data_ptr<acc_t>();
   const acc_t eps = static_cast<acc_t>(eps_value);
-  const acc_t dim_count = static_cast<acc_t>(dim);
 
 #pragma omp parallel for num_threads(workers) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
@@ -90,14 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       for (int64_t j = 0; j < count; ++j) {
         const int64_t n = n0 + j;
         acc_t* row = tile + j * padded_dim;
-        const acc_t row_mean = reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d]; }) / dim_count;
-        const acc_t centered = reduce_sum<acc_t>(dim, [&](int64_t d) {
-          const acc_t deviation = row[d] - row_mean;
-          return deviation * deviation;
-        });
-        const acc_t row_rstd = fm::layernorm_rstd(centered, dim_count, eps);
+        // normalize="none": the raw tokens, saved as mean 0 and rstd 1.
+        acc_t row_mean = 0, row_rstd = 1;
+        if (layernorm) {
+          token_statistics(row, dim, eps, row_mean, row_rstd);
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) row[d] = fm::layernorm_normalize(row[d], row_mean, row_rstd);
+          for (int64_t d = 0; d < dim; ++d) row[d] = fm::layernorm_normalize(row[d], row_mean, row_rstd);
+        }
         mean_out[b * num_tokens + n] = row_mean;
         rstd_out[b * num_tokens + n] = row_rstd;
       }
@@ -149,13 +147,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pool_forward_cpu(
     at::TensorList layers, const at::Tensor& score_weight, c10::string_view tokens,
-    int64_t num_prefix_tokens, double eps) {
+    int64_t num_prefix_tokens, double eps, c10::string_view normalize) {
+  const bool layernorm = parse_layernorm(std::string(normalize));
   const PoolProblem problem = check_forward_args(layers, score_weight, std::string(tokens),
                                                  num_prefix_tokens, c10::DeviceType::CPU);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
                                   "fused_pool_forward_cpu", [&] {
-    result = forward_typed<scalar_t>(problem, layers, score_weight, eps);
+    result = forward_typed<scalar_t>(problem, layers, score_weight, eps, layernorm);
   });
   return result;
 }

@@ -5,20 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def _check_layernorm(normalize):
-    if normalize != "layernorm":
-        raise NotImplementedError(f"the compiled kernels do not support normalize={normalize!r} yet")
-
-
 def forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
-    _check_layernorm(normalize)
     return torch.ops.fastfuse.fused_pool_forward(list(layers), score_weight, tokens,
-                                                 num_prefix_tokens, eps)
+                                                 num_prefix_tokens, eps, normalize)
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
              tokens, num_prefix_tokens, layers_need_grad=True, normalize="layernorm"):
-    _check_layernorm(normalize)
     return torch.ops.fastfuse.fused_pool_backward(
         grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
-        tokens, num_prefix_tokens, layers_need_grad)
+        tokens, num_prefix_tokens, layers_need_grad, normalize)
+
+
+def moments(layers, tokens, num_prefix_tokens):
+    return torch.ops.fastfuse.fused_token_moments(list(layers), tokens, num_prefix_tokens)

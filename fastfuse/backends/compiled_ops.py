@@ -5,16 +5,21 @@ ops exist (with fake kernels, for torch.compile and opcheck) even when the compi
 missing. Semantics: SPEC §2-§3; the pure-PyTorch statement of the same contract is
 ``fastfuse/backends/torch.py``.
 
-``fused_pool_forward(layers, score_weight, tokens, num_prefix_tokens, eps)``
+``fused_pool_forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize)``
     layers: L >= 1 tensors (B, T_l, D), one dtype, any strides; score_weight: (H, D),
     contiguous, in the compute dtype (float64 for float64 layers, else float32).
     Returns pooled (B, H, D), attention (B, H, N), mean (B, N), rstd (B, N), all contiguous
-    in the compute dtype.
+    in the compute dtype. normalize: "layernorm" (SPEC §2) or "none" (raw tokens, saved as
+    mean 0 and rstd 1); LayerNorm statistics are robust to the tokens' magnitude
+    (csrc/common/fused_pool_math.h: token_scale).
 ``fused_pool_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-mean, rstd, tokens, num_prefix_tokens, layers_need_grad)``
+mean, rstd, tokens, num_prefix_tokens, layers_need_grad, normalize)``
     Returns the gradient of every layer (contiguous, (B, T_l, D), the layer's dtype) and of
     score_weight ((H, D), compute dtype). grad_attention may be None. With
     layers_need_grad false (frozen features) the list is empty and no dx is computed.
+``fused_token_moments(layers, tokens, num_prefix_tokens)``
+    Per-channel mean and biased variance (D,) over all B*N gathered tokens, compute dtype,
+    one streaming pass (block moments merged with Chan's formula); NaN for no token.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ from ..gather import num_gathered_tokens
 _lib = torch.library.Library("fastfuse", "DEF")
 _lib.define(
     "fused_pool_forward(Tensor[] layers, Tensor score_weight, str tokens, "
-    "int num_prefix_tokens, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+    "int num_prefix_tokens, float eps, str normalize=\"layernorm\") -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "fused_pool_backward(Tensor grad_pooled, Tensor? grad_attention, Tensor[] layers, "
     "Tensor score_weight, Tensor pooled, Tensor attention, Tensor mean, Tensor rstd, "
-    "str tokens, int num_prefix_tokens, bool layers_need_grad) -> (Tensor[], Tensor)"
+    "str tokens, int num_prefix_tokens, bool layers_need_grad, str normalize=\"layernorm\""
+    ") -> (Tensor[], Tensor)"
 )
+_lib.define("fused_token_moments(Tensor[] layers, str tokens, int num_prefix_tokens) -> (Tensor, Tensor)")
 
 
 # attentive_pool's normalize=: the per-token normalisation N(x_n) of SPEC §5.
@@ -73,3 +80,4 @@ def fake_moments(layers, tokens, num_prefix_tokens):
 
 torch.library.register_fake("fastfuse::fused_pool_forward", fake_forward)
 torch.library.register_fake("fastfuse::fused_pool_backward", fake_backward)
+torch.library.register_fake("fastfuse::fused_token_moments", fake_moments)

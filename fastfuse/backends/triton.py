@@ -28,11 +28,11 @@ from . import Backend
 from .compiled_ops import compute_dtype
 
 _FORWARD_SCHEMA = ("(Tensor[] layers, Tensor score_weight, str tokens, int num_prefix_tokens, "
-                   "float eps) -> (Tensor, Tensor, Tensor, Tensor)")
+                   "float eps, str normalize) -> (Tensor, Tensor, Tensor, Tensor)")
 _BACKWARD_SCHEMA = ("(Tensor grad_pooled, Tensor? grad_attention, Tensor[] layers, "
                     "Tensor score_weight, Tensor pooled, Tensor attention, Tensor mean, "
-                    "Tensor rstd, str tokens, int num_prefix_tokens, bool layers_need_grad"
-                    ") -> (Tensor[], Tensor)")
+                    "Tensor rstd, str tokens, int num_prefix_tokens, bool layers_need_grad, "
+                    "str normalize) -> (Tensor[], Tensor)")
 # Persistent grids, in programs per SM, each program looping over samples: about what fits on
 # an SM at once (configs.py: up to 4 register-capped forward programs, about 2 uncapped backward
 # ones), so that each program's scratch slot and dw partial is reused while it is hot in L2,
@@ -196,7 +196,7 @@ def _tables(layers, grads, tokens, num_prefix_tokens):
     return addressing, token_table, layer_table, _row_alignment(layers, offsets, token_rows, layers[0].stride(2))
 
 
-def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+def _forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize):
     layers, stride_d = _same_feature_stride(layers)
     first = layers[0]
     batch, _, dim = first.shape
@@ -218,12 +218,13 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     torch.library.wrap_triton(kernel)[(programs,)](
         first, token_table, layer_table, score_weight, scratch, pooled, attention, mean, rstd,
         batch, num_tokens, dim, heads, first.stride(0), first.stride(1), stride_d, eps,
-        ADDRESSING=addressing, ROW_ALIGN=row_align, **_dot_options(first.dtype))
+        ADDRESSING=addressing, ROW_ALIGN=row_align, LAYERNORM=normalize == "layernorm",
+        SMALLEST_NORMAL=torch.finfo(acc).tiny, **_dot_options(first.dtype))
     return pooled, attention, mean, rstd
 
 
 def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-              tokens, num_prefix_tokens, layers_need_grad):
+              tokens, num_prefix_tokens, layers_need_grad, normalize):
     layers, stride_d = _same_feature_stride(layers)
     first = layers[0]
     batch, _, dim = first.shape
@@ -256,7 +257,8 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
         batch, num_tokens, dim, heads, len(layers), num_prefix_tokens,
         first.stride(0), first.stride(1), stride_d,
         ADDRESSING=addressing, HAS_GRAD_ATTENTION=grad_attention is not None,
-        ROW_ALIGN=row_align, NEED_DX=layers_need_grad, **_dot_options(first.dtype))
+        ROW_ALIGN=row_align, NEED_DX=layers_need_grad, LAYERNORM=normalize == "layernorm",
+        **_dot_options(first.dtype))
     # Per-program partials summed in a fixed order: deterministic. Frozen features
     # (layers_need_grad false): the kernel computes dw only and the unwritten grads are dropped.
     return grads if layers_need_grad else [], grad_weight.sum(dim=0).to(score_weight.dtype)
@@ -273,23 +275,48 @@ def ops():
 
 
 def forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
-    _check_layernorm(normalize)
-    return ops()[0](list(layers), score_weight, tokens, num_prefix_tokens, eps)
-
-
-def _check_layernorm(normalize):
-    if normalize != "layernorm":
-        raise NotImplementedError(f"the triton backend does not support normalize={normalize!r} yet")
+    return ops()[0](list(layers), score_weight, tokens, num_prefix_tokens, eps, normalize)
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
              tokens, num_prefix_tokens, layers_need_grad=True, normalize="layernorm"):
-    _check_layernorm(normalize)
     grad_layers, grad_weight = ops()[1](grad_pooled, grad_attention, list(layers), score_weight,
                                         pooled, attention, mean, rstd, tokens, num_prefix_tokens,
-                                        layers_need_grad)
+                                        layers_need_grad, normalize)
     return list(grad_layers), grad_weight
 
 
+def moments(layers, tokens, num_prefix_tokens):
+    """token_moments: the kernel's per-program (mean, M2) rows, merged here (exactly: each
+    program's deviation from the overall mean, weighted by its token count)."""
+    from ..kernels.triton.token_moments import token_moments_kernel
+
+    layers, stride_d = _same_feature_stride(list(layers))
+    first = layers[0]
+    batch, _, dim = first.shape
+    num_tokens = num_gathered_tokens([layer.shape[1] for layer in layers], tokens)
+    acc = compute_dtype(first.dtype)
+    if batch * num_tokens == 0:
+        nan = torch.full((dim,), float("nan"), dtype=acc, device=first.device)
+        return nan, nan.clone()
+    addressing, token_table, layer_table, row_align = _tables(layers, None, tokens, num_prefix_tokens)
+    programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM)
+    scratch = first.new_empty((programs, num_tokens, dim) if addressing == GATHERED else (1,), dtype=acc)
+    partials = torch.zeros((programs, 2, dim), dtype=acc, device=first.device)
+    token_moments_kernel[(programs,)](
+        first, token_table, layer_table, scratch, partials, batch, num_tokens, dim,
+        first.stride(0), first.stride(1), stride_d, ADDRESSING=addressing, ROW_ALIGN=row_align,
+        ACC=_dot_options(first.dtype)["ACC"], BLOCK_N=16,
+        BLOCK_D=min(128, max(16, 1 << (dim - 1).bit_length())))
+    # program p holds samples p, p + programs, ...: its token count
+    counts = ((batch - torch.arange(programs, device=first.device) + programs - 1) // programs
+              * num_tokens).to(acc)
+    total = counts.sum()
+    mean = (counts[:, None] * partials[:, 0]).sum(dim=0) / total
+    deviation = partials[:, 0] - mean
+    m2 = partials[:, 1].sum(dim=0) + (counts[:, None] * deviation * deviation).sum(dim=0)
+    return mean, m2 / total
+
+
 BACKEND = Backend("triton", ("cuda", "cpu") if _interpreting() else ("cuda",), _availability,
-                  forward, backward, normalizations=("layernorm",))
+                  forward, backward, moments=moments)

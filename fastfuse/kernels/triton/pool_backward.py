@@ -69,7 +69,7 @@ def pool_backward_kernel(
     grads_ptr, grad_weight_ptr, token_scratch_ptr, head_scratch_ptr, row_scratch_ptr,
     batch, num_tokens, dim, heads, num_layers, num_prefix_tokens, stride_b, stride_t, stride_d,
     ADDRESSING: tl.constexpr, HAS_GRAD_ATTENTION: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    NEED_DX: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    NEED_DX: tl.constexpr, LAYERNORM: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -194,7 +194,10 @@ def pool_backward_kernel(
                     partial = tl.dot(tl.trans(grad_scores), normed, partial, input_precision=DOT_PRECISION)
                     tl.store(dw_ptrs, partial, mask=hd_mask)
                 if NEED_DX:
-                    grad_x = rstd[:, None] * (grad_normed - mean_grad[:, None] - normed * mean_dot[:, None])
+                    if LAYERNORM:
+                        grad_x = rstd[:, None] * (grad_normed - mean_grad[:, None] - normed * mean_dot[:, None])
+                    else:  # normalize="none": dx = dxh
+                        grad_x = grad_normed
                     nd_mask = n_mask[:, None] & d_mask[None, :]
                     if ADDRESSING == GATHERED:
                         tl.store(dx_slot + n_offs[:, None] * dim + d_offs[None, :], grad_x, mask=nd_mask)

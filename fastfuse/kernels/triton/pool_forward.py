@@ -6,7 +6,8 @@ Grid: persistent, ``programs`` <= B; a program loops over samples b = pid, pid +
 per block of BLOCK_H heads, two passes over the tokens:
 
   pass 1, over N tiles (and D tiles inside): LayerNorm statistics (Chan's merge of per-tile
-          moments) and raw dots x . w_h; scores s = rstd (x . w - mean sum(w)); a running max
+          moments, in units of a per-token power of two that keeps squares finite for any
+          magnitude; none with LAYERNORM false, normalize="none") and raw dots x . w_h; scores s = rstd (x . w - mean sum(w)); a running max
           and sum per head (streaming softmax, any N). Raw scores go to ``attention``.
   pass 2, over D tiles (and N tiles inside): a = exp(s - max) / sum, pooled (BLOCK_H, BLOCK_D)
           += a @ xh; the last D tile rewrites ``attention`` normalised.
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .configs import forward_configs, prune
-from .tokens import GATHERED, gather_sample, load_token_tile
+from .tokens import GATHERED, gather_sample, load_token_tile, token_scale
 
 
 @triton.autotune(configs=forward_configs(), key=["num_tokens", "dim", "heads"],
@@ -37,7 +38,8 @@ def pool_forward_kernel(
     layers_ptr, token_table_ptr, layer_table_ptr, weight_ptr, scratch_ptr,
     pooled_ptr, attention_ptr, mean_ptr, rstd_ptr,
     batch, num_tokens, dim, heads, stride_b, stride_t, stride_d, eps,
-    ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, LAYERNORM: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SMALLEST_NORMAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -64,6 +66,10 @@ def pool_forward_kernel(
                 weight_sum = tl.zeros((BLOCK_H,), ACC)
                 mean = tl.zeros((BLOCK_N,), ACC)
                 m2 = tl.zeros((BLOCK_N,), ACC)
+                # Per-token power of two that the tokens are divided by (issue 12 item 7):
+                # the running one grows with the largest |x| seen; dots, mean and M2 are kept
+                # in its units and rescaled (exactly) when it grows.
+                scale = tl.full((BLOCK_N,), 1.0, ACC)
                 for d0 in range(0, dim, BLOCK_D):
                     d_offs = d0 + d_base
                     d_mask = d_offs < dim
@@ -72,20 +78,39 @@ def pool_forward_kernel(
                                         stride_d, ADDRESSING, ROW_ALIGN, ACC)
                     w = tl.load(weight_ptr + h_offs[None, :] * dim + d_offs[:, None],
                                 mask=h_mask[None, :] & d_mask[:, None], other=0.0)
+                    if LAYERNORM:
+                        new_scale = tl.maximum(scale, token_scale(tl.max(tl.abs(x), axis=1), ACC))
+                        ratio = scale / new_scale
+                        dots = dots * ratio[:, None]
+                        mean = mean * ratio
+                        m2 = m2 * (ratio * ratio)
+                        scale = new_scale
+                        x = x / scale[:, None]
                     dots = tl.dot(x, w, dots, input_precision=DOT_PRECISION)
                     weight_sum += tl.sum(w, axis=0)
-                    # Chan et al.: merge this tile's mean / M2 into the running ones (stable
-                    # for large |mean| / std, unlike E[x^2] - E[x]^2). Earlier tiles are full.
-                    width = tl.cast(tl.minimum(dim - d0, BLOCK_D), ACC)
-                    seen = tl.cast(d0, ACC)
-                    tile_mean = tl.sum(x, axis=1) / width
-                    centred = tl.where(d_mask[None, :], x - tile_mean[:, None], 0.0)
-                    delta = tile_mean - mean
-                    mean += delta * (width / (seen + width))
-                    m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * width / (seen + width))
-                rstd = tl.rsqrt(m2 / dim + eps)
-                # w . xh = rstd (w . x - mean sum(w)): the centring folds into one correction.
-                scores = rstd[:, None] * (dots - mean[:, None] * weight_sum[None, :])
+                    if LAYERNORM:
+                        # Chan et al.: merge this tile's mean / M2 into the running ones (stable
+                        # for large |mean| / std, unlike E[x^2] - E[x]^2). Earlier tiles are full.
+                        width = tl.cast(tl.minimum(dim - d0, BLOCK_D), ACC)
+                        seen = tl.cast(d0, ACC)
+                        tile_mean = tl.sum(x, axis=1) / width
+                        centred = tl.where(d_mask[None, :], x - tile_mean[:, None], 0.0)
+                        delta = tile_mean - mean
+                        mean += delta * (width / (seen + width))
+                        m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * width / (seen + width))
+                if LAYERNORM:
+                    # eps in the scaled units; once it underflows, the smallest normal number
+                    # keeps a constant huge token's rstd finite (fused_pool_math.h).
+                    variance = m2 / dim + eps / scale / scale
+                    variance = tl.where((scale > 1.0) & (variance < SMALLEST_NORMAL), SMALLEST_NORMAL, variance)
+                    rstd = tl.rsqrt(variance)
+                    # w . xh = rstd (w . x - mean sum(w)): the centring folds into one correction.
+                    scores = rstd[:, None] * (dots - mean[:, None] * weight_sum[None, :])
+                    mean = mean * scale
+                    rstd = rstd / scale
+                else:  # normalize="none": xh = x, saved as mean 0 and rstd 1
+                    scores = dots
+                    rstd = tl.full((BLOCK_N,), 1.0, ACC)
                 valid = n_mask[:, None] & h_mask[None, :]
                 tl.store(attention_ptr + (b64 * heads + h_offs[None, :]) * num_tokens + n_offs[:, None],
                          scores, mask=valid)

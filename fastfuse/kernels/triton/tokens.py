@@ -120,4 +120,27 @@ def gather_sample(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64, n
                 tile = tl.load(layers_ptr + rows[:, None] + d_offs[None, :] * stride_d,
                                mask=(r_offs < count)[:, None] & d_mask[None, :], other=0.0)
                 total += tl.sum(tile.to(ACC), axis=0)
-            tl.store(slot_ptr + n * dim + d_offs, total / count.to(ACC), mask=d_mask)
+            average = total / count.to(ACC)
+            if tl.sum(tl.where(tl.abs(average) < float("inf"), 0, 1)) > 0:
+                # The sum overflowed (or a row is not finite): average the rows divided first,
+                # so huge but finite patches keep a finite average (issue 12 item 7).
+                average = tl.zeros((BLOCK_D,), ACC)
+                for r0 in range(0, count, BLOCK_R):
+                    r_offs = r0 + r_base
+                    rows = first + r_offs * row_stride
+                    tile = tl.load(layers_ptr + rows[:, None] + d_offs[None, :] * stride_d,
+                                   mask=(r_offs < count)[:, None] & d_mask[None, :], other=0.0)
+                    average += tl.sum(tile.to(ACC) / count.to(ACC), axis=0)
+            tl.store(slot_ptr + n * dim + d_offs, average, mask=d_mask)
+
+
+@triton.jit
+def token_scale(peak, ACC: tl.constexpr):
+    """2^floor(log2 peak) where peak > 1 and finite, else 1 (csrc/common/fused_pool_math.h:
+    token_scale): the exponent bits of peak, read through its bit pattern."""
+    if ACC == tl.float64:
+        power = (peak.to(tl.int64, bitcast=True) & 0x7FF0000000000000).to(tl.float64, bitcast=True)
+    else:
+        power = (peak.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    finite = peak < float("inf")
+    return tl.where((peak > 1.0) & finite, power, 1.0)
