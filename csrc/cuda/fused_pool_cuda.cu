@@ -151,7 +151,8 @@ ForwardPlan plan_forward(int64_t heads, int padded_dim, int partial, int64_t num
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
-    const PoolProblem& problem, at::TensorList layers, const at::Tensor& score_weight_in, double eps) {
+    const PoolProblem& problem, at::TensorList layers, const at::Tensor& score_weight_in, double eps,
+    bool layernorm) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
   const int64_t num_tokens = problem.num_tokens();
@@ -173,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   allow_shared_memory(kernel, plan.bytes);
   kernel<<<static_cast<unsigned>(blocks), kThreads, plan.bytes, c10::cuda::getCurrentCUDAStream()>>>(
       args, score_weight.data_ptr<acc_t>(), static_cast<int>(heads), plan.head_tile,
-      plan.tile_tokens, static_cast<acc_t>(eps), pooled.data_ptr<acc_t>(),
+      plan.tile_tokens, static_cast<acc_t>(eps), layernorm, pooled.data_ptr<acc_t>(),
       attention.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {pooled, attention, mean, rstd};
@@ -220,7 +221,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
     const PoolProblem& problem, const at::Tensor& grad_pooled_in,
     const std::optional<at::Tensor>& grad_attention_in, at::TensorList layers,
     const at::Tensor& score_weight_in, const at::Tensor& pooled_in, const at::Tensor& attention_in,
-    const at::Tensor& mean_in, const at::Tensor& rstd_in, bool layers_need_grad) {
+    const at::Tensor& mean_in, const at::Tensor& rstd_in, bool layers_need_grad, bool layernorm) {
   using acc_t = at::opmath_type<scalar_t>;
   using Chunk = ChunkOf<scalar_t>;
   const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
@@ -273,7 +274,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
       grad_attention ? grad_attention->data_ptr<acc_t>() : nullptr, pooled.data_ptr<acc_t>(),
       attention.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), batch,
       static_cast<int>(heads), plan.tile_tokens, layers_need_grad, plan.weight_grad_in_shared,
-      weight_partials.data_ptr<acc_t>());
+      layernorm, weight_partials.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t reduce_blocks = (heads * dim + kThreads - 1) / kThreads;
   weight_grad_reduce_kernel<acc_t><<<static_cast<unsigned>(reduce_blocks), kThreads, 0, stream>>>(
@@ -289,14 +290,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pool_forward_cuda(
     at::TensorList layers, const at::Tensor& score_weight, c10::string_view tokens,
-    int64_t num_prefix_tokens, double eps) {
+    int64_t num_prefix_tokens, double eps, c10::string_view normalize) {
+  const bool layernorm = parse_layernorm(std::string(normalize));
   const PoolProblem problem = check_forward_args(layers, score_weight, std::string(tokens),
                                                  num_prefix_tokens, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(layers[0].device());
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
                                   "fused_pool_forward_cuda", [&] {
-    result = forward_typed<scalar_t>(problem, layers, score_weight, eps);
+    result = forward_typed<scalar_t>(problem, layers, score_weight, eps, layernorm);
   });
   return result;
 }
@@ -305,7 +307,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cuda(
     const at::Tensor& grad_pooled, const std::optional<at::Tensor>& grad_attention,
     at::TensorList layers, const at::Tensor& score_weight, const at::Tensor& pooled,
     const at::Tensor& attention, const at::Tensor& mean, const at::Tensor& rstd,
-    c10::string_view tokens, int64_t num_prefix_tokens, bool layers_need_grad) {
+    c10::string_view tokens, int64_t num_prefix_tokens, bool layers_need_grad,
+    c10::string_view normalize) {
+  const bool layernorm = parse_layernorm(std::string(normalize));
   const PoolProblem problem =
       check_backward_args(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
                           mean, rstd, std::string(tokens), num_prefix_tokens, c10::DeviceType::CUDA);
@@ -314,7 +318,74 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
                                   "fused_pool_backward_cuda", [&] {
     result = backward_typed<scalar_t>(problem, grad_pooled, grad_attention, layers, score_weight,
-                                      pooled, attention, mean, rstd, layers_need_grad);
+                                      pooled, attention, mean, rstd, layers_need_grad, layernorm);
+  });
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// token_moments
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> moments_typed(const PoolProblem& problem, at::TensorList layers) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = problem.batch, dim = problem.dim, num_tokens = problem.num_tokens();
+  const auto options = layers[0].options().dtype(problem.compute_dtype);
+  at::Tensor mean = at::empty({dim}, options), var = at::empty({dim}, options);
+  if (batch * num_tokens == 0) {  // no token: undefined moments
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  const GatherArgs args = make_gather_args<scalar_t>(problem, layers);
+  const int partial = reads_average(problem.spec)
+                          ? average_groups(args.padded_dim, ChunkOf<scalar_t>::kWidth) * args.padded_dim
+                          : 0;
+  const SharedMemoryLimits limits = shared_memory_limits();
+  auto bytes = [&](int tile_tokens) {
+    return slot_bytes(tile_tokens) + static_cast<int64_t>(sizeof(acc_t)) *
+                                         moments_shared_elements(tile_tokens, args.padded_dim, partial);
+  };
+  int tile_tokens = 0;
+  for (int choice : tile_choices(num_tokens)) {
+    if (bytes(choice) <= limits.maximum) {
+      tile_tokens = choice;
+      break;
+    }
+  }
+  TORCH_CHECK(tile_tokens > 0, "fastfuse: D = ", dim, " is too large for the cuda backend's "
+              "token_moments tiles on this GPU (", bytes(kTileQuantum), " bytes of shared memory, the "
+              "GPU allows ", limits.maximum, "); use backend='triton'");
+  auto kernel = token_moments_kernel<scalar_t, acc_t>;
+  allow_shared_memory(kernel, bytes(tile_tokens));
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, bytes(tile_tokens)));
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int blocks = static_cast<int>(std::min<int64_t>(batch, std::max(1, blocks_per_sm) * sms));
+  at::Tensor partials = at::empty({blocks, 2, args.padded_dim}, options);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<blocks, kThreads, bytes(tile_tokens), stream>>>(args, batch, tile_tokens,
+                                                           partials.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned reduce_blocks = static_cast<unsigned>((dim + kThreads - 1) / kThreads);
+  token_moments_reduce_kernel<acc_t><<<reduce_blocks, kThreads, 0, stream>>>(
+      partials.data_ptr<acc_t>(), blocks, batch, static_cast<int>(num_tokens), static_cast<int>(dim),
+      args.padded_dim, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_token_moments_cuda(at::TensorList layers,
+                                                            c10::string_view tokens,
+                                                            int64_t num_prefix_tokens) {
+  const PoolProblem problem =
+      check_layer_args(layers, std::string(tokens), num_prefix_tokens, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(layers[0].device());
+  std::tuple<at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, problem.layer_dtype,
+                                  "fused_token_moments_cuda", [&] {
+    result = moments_typed<scalar_t>(problem, layers);
   });
   return result;
 }
@@ -324,6 +395,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cuda(
 TORCH_LIBRARY_IMPL(fastfuse, CUDA, m) {
   m.impl("fused_pool_forward", &fused_pool_forward_cuda);
   m.impl("fused_pool_backward", &fused_pool_backward_cuda);
+  m.impl("fused_token_moments", &fused_token_moments_cuda);
 }
 
 }  // namespace cuda

@@ -52,7 +52,7 @@ constexpr int kMinBlocksPerSM = sizeof(acc_t) == 8 ? 1 : 2;
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<acc_t>)
 fused_pool_forward_kernel(const __grid_constant__ GatherArgs args, const acc_t* __restrict__ score_weight,
-                          int heads, int head_tile, int tile_tokens, acc_t eps,
+                          int heads, int head_tile, int tile_tokens, acc_t eps, bool layernorm,
                           acc_t* __restrict__ pooled, acc_t* __restrict__ attention,
                           acc_t* __restrict__ mean_out, acc_t* __restrict__ rstd_out) {
   unsigned char* shared_bytes = dynamic_shared_memory();
@@ -91,19 +91,38 @@ fused_pool_forward_kernel(const __grid_constant__ GatherArgs args, const acc_t* 
     __syncthreads();
     gather_tile<scalar_t, acc_t>(slots, count, dim, padded_dim, tile, partial);
 
-    // LayerNorm statistics (two-pass variance) and xh, a warp per token.
+    // LayerNorm statistics (two-pass variance, robust to the token's magnitude:
+    // fused_pool_math.h token_scale) and xh, a warp per token. normalize="none": the raw
+    // tokens, saved as mean 0 and rstd 1.
     for (int j = warp; j < count; j += kWarps) {
       acc_t* row = tile + j * padded_dim;
-      acc_t sum = 0;
-      for (int d = lane; d < dim; d += 32) sum += row[d];
-      const acc_t row_mean = warp_sum(sum) / dim_count;
-      acc_t squares = 0;
-      for (int d = lane; d < dim; d += 32) {
-        const acc_t deviation = row[d] - row_mean;
-        squares += deviation * deviation;
+      acc_t row_mean = 0, row_rstd = 1;
+      if (layernorm) {
+        acc_t sum = 0, peak = 0;
+        for (int d = lane; d < dim; d += 32) {
+          sum += row[d];
+          peak = fmax(peak, fabs(row[d]));
+        }
+        const acc_t scale = fm::token_scale(warp_max(peak));
+        const acc_t inverse = acc_t(1) / scale;  // a power of two: exact
+        // sum(x) / scale == sum(x / scale) unless sum(x) overflowed: then sum the scaled
+        // values (the branch is uniform per warp).
+        acc_t sum_scaled = warp_sum(sum) * inverse;
+        if (!isfinite(sum_scaled)) {
+          sum_scaled = 0;
+          for (int d = lane; d < dim; d += 32) sum_scaled += row[d] * inverse;
+          sum_scaled = warp_sum(sum_scaled);
+        }
+        const acc_t mean_scaled = sum_scaled / dim_count;
+        acc_t squares = 0;
+        for (int d = lane; d < dim; d += 32) {
+          const acc_t deviation = row[d] * inverse - mean_scaled;
+          squares += deviation * deviation;
+        }
+        row_mean = mean_scaled * scale;
+        row_rstd = fm::scaled_layernorm_rstd(warp_sum(squares), dim_count, eps, scale) * inverse;
+        for (int d = lane; d < dim; d += 32) row[d] = fm::layernorm_normalize(row[d], row_mean, row_rstd);
       }
-      const acc_t row_rstd = fm::layernorm_rstd(warp_sum(squares), dim_count, eps);
-      for (int d = lane; d < dim; d += 32) row[d] = fm::layernorm_normalize(row[d], row_mean, row_rstd);
       if (head0 == 0 && lane == 0) {
         mean_out[b * num_tokens + n0 + j] = row_mean;
         rstd_out[b * num_tokens + n0 + j] = row_rstd;
@@ -163,7 +182,8 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
                            const acc_t* __restrict__ pooled, const acc_t* __restrict__ attention,
                            const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                            int64_t batch, int heads, int tile_tokens, bool layers_need_grad,
-                           bool weight_grad_in_shared, acc_t* __restrict__ weight_partials) {
+                           bool weight_grad_in_shared, bool layernorm,
+                           acc_t* __restrict__ weight_partials) {
   unsigned char* shared_bytes = dynamic_shared_memory();
   using Chunk = ChunkOf<scalar_t>;
   constexpr int W = Chunk::kWidth;
@@ -264,9 +284,10 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
             sum += dxh[d];
             dot += dxh[d] * xh[d];
           }
-          const acc_t mean_grad = warp_sum(sum) / dim_count;
-          const acc_t mean_grad_xh = warp_sum(dot) / dim_count;
-          const acc_t row_rstd = rstd[int64_t(b) * num_tokens + n0 + j];
+          // normalize="none": dx = dxh, the formula with rstd 1 and both means 0.
+          const acc_t mean_grad = layernorm ? warp_sum(sum) / dim_count : acc_t(0);
+          const acc_t mean_grad_xh = layernorm ? warp_sum(dot) / dim_count : acc_t(0);
+          const acc_t row_rstd = layernorm ? rstd[int64_t(b) * num_tokens + n0 + j] : acc_t(1);
           const bool average = slots[j].flags & kSlotAverage;
           const acc_t rows = static_cast<acc_t>(slots[j].rows);
           for (int d = lane; d < dim; d += 32) {
@@ -343,6 +364,75 @@ weight_grad_reduce_kernel(const acc_t* __restrict__ partials, int blocks, int he
     sum += partials[(int64_t(block) * padded_heads + h) * padded_dim + d];
   }
   grad_weight[index] = sum;
+}
+
+// ---- token_moments -------------------------------------------------------------------------
+// Per-channel mean and M2 over the gathered tokens of a contiguous range of samples per block
+// (as the backward splits the batch): tiles gathered into shared memory as the pool kernels do,
+// each tile's mean and centred sum of squares per channel merged (Chan) into the block's row
+// of `partials` (2, padded_dim), a thread per channel. No atomics: the reduce kernel below
+// merges the blocks' rows in block order.
+FASTFUSE_HOST_DEVICE inline int64_t moments_shared_elements(int tile_tokens, int padded_dim, int partial) {
+  return int64_t(tile_tokens) * padded_dim + partial;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+token_moments_kernel(const __grid_constant__ GatherArgs args, int64_t batch, int tile_tokens,
+                     acc_t* __restrict__ partials) {
+  unsigned char* shared_bytes = dynamic_shared_memory();
+  const int dim = args.dim, padded_dim = args.padded_dim, num_tokens = args.num_tokens;
+  TokenSlot* slots = reinterpret_cast<TokenSlot*>(shared_bytes);
+  acc_t* tile = reinterpret_cast<acc_t*>(shared_bytes + slot_bytes(tile_tokens));
+  acc_t* partial = tile + tile_tokens * padded_dim;
+  acc_t* mean_row = partials + int64_t(blockIdx.x) * 2 * padded_dim;
+  acc_t* m2_row = mean_row + padded_dim;
+  for (int d = threadIdx.x; d < padded_dim; d += kThreads) mean_row[d] = m2_row[d] = 0;
+  acc_t seen = 0;
+  const int64_t batch_end = (int64_t(blockIdx.x) + 1) * batch / gridDim.x;
+  for (int64_t b = int64_t(blockIdx.x) * batch / gridDim.x; b < batch_end; ++b) {
+    for (int n0 = 0; n0 < num_tokens; n0 += tile_tokens) {
+      const int count = min(tile_tokens, num_tokens - n0);
+      fill_slots<scalar_t>(args, nullptr, b, n0, count, slots);
+      __syncthreads();
+      gather_tile<scalar_t, acc_t>(slots, count, dim, padded_dim, tile, partial);
+      const acc_t width = static_cast<acc_t>(count);
+      for (int d = threadIdx.x; d < dim; d += kThreads) {
+        acc_t tile_mean = 0;
+        for (int j = 0; j < count; ++j) tile_mean += tile[j * padded_dim + d];
+        tile_mean /= width;
+        acc_t tile_m2 = 0;
+        for (int j = 0; j < count; ++j) {
+          const acc_t deviation = tile[j * padded_dim + d] - tile_mean;
+          tile_m2 += deviation * deviation;
+        }
+        fm::merge_moments(mean_row[d], m2_row[d], seen, tile_mean, tile_m2, width);
+      }
+      seen += width;
+      __syncthreads();  // the next tile overwrites `tile` and `slots`
+    }
+  }
+}
+
+// mean, var (D,) from the blocks' rows, merged in block order; block k held samples
+// [k B / blocks, (k + 1) B / blocks).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+token_moments_reduce_kernel(const acc_t* __restrict__ partials, int blocks, int64_t batch,
+                            int num_tokens, int dim, int padded_dim, acc_t* __restrict__ mean,
+                            acc_t* __restrict__ var) {
+  const int d = blockIdx.x * kThreads + threadIdx.x;
+  if (d >= dim) return;
+  acc_t total_mean = 0, total_m2 = 0, total = 0;
+  for (int block = 0; block < blocks; ++block) {
+    const int64_t samples = (int64_t(block) + 1) * batch / blocks - int64_t(block) * batch / blocks;
+    const acc_t count = static_cast<acc_t>(samples * num_tokens);
+    const acc_t* row = partials + int64_t(block) * 2 * padded_dim;
+    fm::merge_moments(total_mean, total_m2, total, row[d], row[padded_dim + d], count);
+    total += count;
+  }
+  mean[d] = total_mean;
+  var[d] = total_m2 / total;
 }
 
 }  // namespace cuda

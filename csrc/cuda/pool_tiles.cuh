@@ -348,7 +348,16 @@ __device__ void gather_tile(const TokenSlot* slots, int count, int dim, int padd
       for (int d = threadIdx.x; d < padded_dim; d += kThreads) {
         acc_t total = 0;
         for (int group = 0; group < groups; ++group) total += partial[group * padded_dim + d];
-        tile[j * padded_dim + d] = total / rows;
+        acc_t average = total / rows;
+        if (!isfinite(average) && d < dim) {
+          // The sum overflowed (or a row is not finite): average the rows divided first, so
+          // huge but finite patches keep a finite average (issue 12 item 7). Rare: no tuning.
+          average = 0;
+          for (int row = 0; row < slot.rows; ++row) {
+            average += static_cast<acc_t>(first[int64_t(row) * slot.stride_row + d * slot.stride_dim]) / rows;
+          }
+        }
+        tile[j * padded_dim + d] = average;
       }
       __syncthreads();  // `partial` is reused by the next averaged token
     }

@@ -93,4 +93,4 @@ class CudaBackend(Backend):
 BACKEND = CudaBackend("cuda", ("cuda",), _availability, compiled.forward,
                       compiled.backward,
                       dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                      normalizations=("layernorm",))
+                      moments=compiled.moments)

@@ -5,10 +5,11 @@
 //
 // CONFIG (text): dtype(0 float32, 1 float64, 2 float16, 3 bfloat16) B D H spec(0 cls, 1 ap,
 //   2 cls+ap, 3 all) num_prefix_tokens eps tile_tokens head_tile layers_need_grad
-//   weight_grad_in_shared backward_blocks has_grad_attention seed storage_length L, then per
+//   weight_grad_in_shared backward_blocks has_grad_attention seed layernorm storage_length L, then per
 //   layer: T stride_batch stride_row stride_dim offset (elements into the storage).
 // INPUT (float64): storage, score_weight (H, D), grad_pooled (B, H, D), grad_attention (B, H, N).
-// OUTPUT (float64): pooled, attention, mean, rstd, the layers' gradients (if wanted), dw.
+// OUTPUT (float64): pooled, attention, mean, rstd, the layers' gradients (if wanted), dw, then
+//   token_moments' mean and var (D each; backward_blocks blocks, tile_tokens tokens a tile).
 // The tile sizes are the caller's (the host planner of fused_pool_cuda.cu needs a GPU).
 #define FASTFUSE_CUDA_EMULATION
 #include "emulator.h"
@@ -27,7 +28,7 @@ struct Config {
   int dtype, batch, dim, heads, spec, prefix;
   double eps;
   int tile_tokens, head_tile, layers_need_grad, weight_grad_in_shared, backward_blocks;
-  int has_grad_attention, seed;
+  int has_grad_attention, seed, layernorm;
   int64_t storage_length;
   int num_layers;
   std::vector<int64_t> length, stride_batch, stride_row, stride_dim, offset;
@@ -104,7 +105,7 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   emu::launch(Dim3{unsigned(batch * head_tiles)}, Dim3{unsigned(kThreads)}, forward_bytes, [&] {
     fused_pool_forward_kernel<scalar_t, acc_t>(args, weight.data(), heads, config.head_tile,
                                                config.tile_tokens, static_cast<acc_t>(config.eps),
-                                               pooled.data(), attention.data(), mean.data(), rstd.data());
+                                               config.layernorm != 0, pooled.data(), attention.data(), mean.data(), rstd.data());
   });
 
   // Backward, on the forward's outputs.
@@ -134,11 +135,25 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
         args, grads, weight.data(), grad_pooled.data(),
         config.has_grad_attention ? grad_attention.data() : nullptr, pooled.data(), attention.data(),
         mean.data(), rstd.data(), batch, heads, config.tile_tokens, config.layers_need_grad,
-        config.weight_grad_in_shared, partials.data());
+        config.weight_grad_in_shared, config.layernorm != 0, partials.data());
   });
   emu::launch(Dim3{unsigned(ceil_div(heads * dim, kThreads))}, Dim3{unsigned(kThreads)}, 0, [&] {
     weight_grad_reduce_kernel<acc_t>(partials.data(), blocks, heads, dim, padded_heads, padded_dim,
                                      grad_weight.data());
+  });
+
+  // token_moments over the same layers.
+  std::vector<acc_t> moment_partials(int64_t(blocks) * 2 * padded_dim, nan);
+  std::vector<acc_t> moments_mean(dim, nan), moments_var(dim, nan);
+  const size_t moments_bytes =
+      slot_bytes(config.tile_tokens) +
+      sizeof(acc_t) * moments_shared_elements(config.tile_tokens, padded_dim, partial);
+  emu::launch(Dim3{unsigned(blocks)}, Dim3{unsigned(kThreads)}, moments_bytes, [&] {
+    token_moments_kernel<scalar_t, acc_t>(args, batch, config.tile_tokens, moment_partials.data());
+  });
+  emu::launch(Dim3{unsigned(ceil_div(dim, kThreads))}, Dim3{unsigned(kThreads)}, 0, [&] {
+    token_moments_reduce_kernel<acc_t>(moment_partials.data(), blocks, batch, num_tokens, dim,
+                                       padded_dim, moments_mean.data(), moments_var.data());
   });
 
   write_doubles(out, pooled);
@@ -147,6 +162,8 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   write_doubles(out, rstd);
   for (const auto& grad : grad_layers) write_doubles(out, grad);
   write_doubles(out, grad_weight);
+  write_doubles(out, moments_mean);
+  write_doubles(out, moments_var);
   return out ? 0 : 1;
 }
 
@@ -156,7 +173,7 @@ int main(int argc, char** argv) {
   Config c;
   text >> c.dtype >> c.batch >> c.dim >> c.heads >> c.spec >> c.prefix >> c.eps >> c.tile_tokens >>
       c.head_tile >> c.layers_need_grad >> c.weight_grad_in_shared >> c.backward_blocks >>
-      c.has_grad_attention >> c.seed >> c.storage_length >> c.num_layers;
+      c.has_grad_attention >> c.seed >> c.layernorm >> c.storage_length >> c.num_layers;
   if (!text || c.num_layers < 1 || c.num_layers > kMaxLayers) emu::fail("bad config");
   for (int l = 0; l < c.num_layers; ++l) {
     int64_t length, sb, sr, sd, offset;
