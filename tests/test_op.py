@@ -113,9 +113,9 @@ def test_frozen_features_skip_token_gradients(monkeypatch):
 
     seen = []
 
-    def spy(*args):
+    def spy(*args, **options):
         seen.append(args[-1])
-        return get("torch").backward(*args)
+        return get("torch").backward(*args, **options)
 
     monkeypatch.setattr(fastfuse.ops, "_get_backend",
                         lambda name: dataclasses.replace(get(name), backward=spy))
