@@ -131,7 +131,7 @@ _KERNEL_ABUSE_SCRIPT = textwrap.dedent("""
     assert loaded, reason
     ops = torch.ops.fastfuse
     # The backward schema may or may not carry the trailing layers_need_grad flag.
-    extra = [True] if len(ops.fused_pool_backward.default._schema.arguments) == 11 else []
+    extra = [True] if len(ops.fused_pool_backward.default._schema.arguments) >= 11 else []
     def backward(*args):
         return ops.fused_pool_backward(*args, *extra)
 
@@ -184,6 +184,12 @@ _KERNEL_ABUSE_SCRIPT = textwrap.dedent("""
         "backward wrong weight shape": lambda: backward(gp, None, [x], torch.randn(3, 7), pooled, attention, mean, rstd, "cls+ap", 1),
         "backward weight dtype": lambda: backward(gp, None, [x], w.double(), pooled, attention, mean, rstd, "cls+ap", 1),
         "backward no layers": lambda: backward(gp, None, [], w, pooled, attention, mean, rstd, "cls+ap", 1),
+        "normalize 'rms'": lambda: fwd([x], w, "all", 0, 1e-5, "rms"),
+        "backward normalize ''": lambda: ops.fused_pool_backward(gp, None, [x], w, pooled, attention, mean, rstd, "cls+ap", 1, True, ""),
+        "moments no layers": lambda: ops.fused_token_moments([], "all", 0),
+        "moments bad token spec": lambda: ops.fused_token_moments([x], "mean", 0),
+        "moments integer layers": lambda: ops.fused_token_moments([torch.ones(2, 5, 6, dtype=torch.int32)], "all", 0),
+        "moments num_prefix_tokens == T": lambda: ops.fused_token_moments([x], "ap", 5),
     }
     failures = {}
     for name, call in cases.items():
@@ -547,9 +553,9 @@ def _copy_package(destination: Path, library_text=None, edit_schema=False) -> Pa
         shutil.copy2(library, target / library.name)
         schemas = target / "backends" / "compiled_ops.py"
         text = schemas.read_text()
-        assert "float eps) -> (Tensor, Tensor, Tensor, Tensor)" in text
-        schemas.write_text(text.replace("float eps) -> (Tensor, Tensor, Tensor, Tensor)",
-                                        "float eps, bool extra) -> (Tensor, Tensor, Tensor, Tensor)"))
+        assert "int num_prefix_tokens, float eps, " in text
+        schemas.write_text(text.replace("int num_prefix_tokens, float eps, ",
+                                        "int num_prefix_tokens, float eps, bool extra, "))
     return destination
 
 
