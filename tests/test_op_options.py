@@ -63,8 +63,9 @@ def test_normalize_none_backward(backend_device, tokens):
         return fastfuse.attentive_pool(x, weight, tokens=tokens, num_prefix_tokens=1,
                                        normalize="none", backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (weight, *layers), eps=1e-6, atol=1e-7)
-    # and against the definition's autograd (the reference's own backward)
+    if backend != "triton":  # interpreted Triton: one backward below (gradcheck takes minutes)
+        assert torch.autograd.gradcheck(fn, (weight, *layers), eps=1e-6, atol=1e-7)
+    # against the definition's autograd (the reference's own backward)
     ref_layers = [layer.detach().cpu().double().requires_grad_() for layer in layers]
     stacked = stack_tokens(ref_layers, "all" if tokens is None else tokens, 1)
     ref_weight = weight.detach().cpu().requires_grad_()
