@@ -43,25 +43,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
   const bool all_tokens = problem.spec == TokenSpec::kAll;
 
   // Frozen features (the usual probe) need only dw: no dx, no gradient tensors at all.
-  std::vector<at::Tensor> grad_layers;
-  for (const at::Tensor& layer : layers) {
-    if (!layers_need_grad) break;
-    grad_layers.push_back(at::empty(layer.sizes(), layer.options().memory_format(at::MemoryFormat::Contiguous)));
-  }
-  at::Tensor grad_weight = at::zeros({heads, dim}, score_weight.options());
+  auto [grad_layers, grad_weight] = allocate_backward_outputs(problem, layers, score_weight, layers_need_grad);
   if (batch == 0) return {grad_layers, grad_weight};
   for (const at::Tensor& grad : grad_layers) advise_huge_pages(grad);
 
-  // Saved and incoming gradients may be views (autograd hands out expanded zero-stride
-  // gradients); these are small, so they are made contiguous. The layers are not.
-  const at::Tensor grad_pooled = grad_pooled_in.contiguous();
-  const at::Tensor pooled = pooled_in.contiguous();
-  const at::Tensor attention = attention_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const std::optional<at::Tensor> grad_attention =
-      grad_attention_in.has_value() ? std::optional<at::Tensor>(grad_attention_in->contiguous())
-                                    : std::nullopt;
+  const auto [grad_pooled, grad_attention, pooled, attention, mean, rstd] = contiguous_backward_inputs(
+      grad_pooled_in, grad_attention_in, pooled_in, attention_in, mean_in, rstd_in);
 
   const std::vector<LayerView<in_t>> views = layer_views<in_t>(layers);
   std::vector<in_t*> grad_out;
