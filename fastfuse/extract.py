@@ -13,6 +13,7 @@ if they are already in the Hugging Face or torch hub cache and stops, saying so,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import storage
+from .argtypes import nonnegative_int, positive_int, seed_int
 from .features import FeatureWriter, complete_splits, extract_features, load_metadata
 from .gather import TOKEN_SPECS
 from .taps import LAYER_PRESETS, LayerTap
@@ -31,7 +34,9 @@ SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 SPLIT_SEED = 0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Facts that must agree before --resume may add splits to an existing cache.
-_RESUME_KEYS = ("model", "pretrained", "layers", "tokens", "num_prefix_tokens", "img_size", "data", "dtype")
+# init_seed and backbone_digest make a resumed random backbone the one that wrote the cache.
+_RESUME_KEYS = ("model", "pretrained", "layers", "tokens", "num_prefix_tokens", "img_size", "data", "dtype",
+                "init_seed", "backbone_digest")
 
 
 class WeightsNotFound(RuntimeError):
@@ -51,10 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", default="cls+ap", choices=TOKEN_SPECS, help="token spec (default: cls+ap)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (default: float32)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input resolution; default the model's own (ViT position embeddings are resampled)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0,
+                        help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="initialisation seed of a randomly initialised backbone, recorded in the "
+                             "cache so --resume rebuilds the same backbone (default: 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -197,26 +206,48 @@ def _say(message: str) -> None:
     print(f"fastfuse extract: {message}", file=sys.stderr)
 
 
+def backbone_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the backbone's parameters and buffers (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         _say(f"--out {out} exists and is not a directory")
         return 2
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+    try:
+        lock = storage.FolderLock(out, purpose="fastfuse extract").acquire()
+    except storage.FolderLockedError as error:
+        _say(str(error))
+        return 2
+    try:
+        storage.remove_temporaries(out)  # what a killed run left behind
+        return _run_locked(args, out)
+    finally:
+        lock.release()
+
+
+def _run_locked(args, out: Path) -> int:
+    if storage.folder_entries(out) and not (args.resume or args.overwrite):
         _say(f"--out {out} already exists and is not empty; pass --resume to keep its complete "
              "splits and write the rest, or --overwrite to rewrite them")
         return 2
-    for name in ("batch_size", "num_workers"):
-        if getattr(args, name) < (1 if name == "batch_size" else 0):
-            _say(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}")
-            return 2
     try:
         import timm.data
     except ImportError:
         _say("needs timm: pip install timm")
         return 1
     try:
-        model, weights = create_backbone(args.model, pretrained=args.pretrained, img_size=args.img_size)
+        # A random backbone is built from --seed (recorded below), whatever the global RNG holds.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(getattr(args, "seed", 0))
+            model, weights = create_backbone(args.model, pretrained=args.pretrained, img_size=args.img_size)
     except WeightsNotFound as error:
         _say(str(error))
         return 1
@@ -224,10 +255,11 @@ def run(args) -> int:
         _say(f"cannot create --model {args.model}: {error}")
         return 2
     if not args.pretrained:
-        _say(f"{args.model} is randomly initialised (no --pretrained): the features suit pipeline "
-             "tests, not probing results")
+        _say(f"{args.model} is randomly initialised from --seed {getattr(args, 'seed', 0)} (no --pretrained): "
+             "the features suit pipeline tests, not probing results")
     else:
         _say(f"{args.model}: pretrained weights from {weights}")
+    digest = backbone_digest(model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.eval().to(device)
     try:
@@ -258,7 +290,8 @@ def run(args) -> int:
     meta = {"model": args.model, "pretrained": args.pretrained, "weights": weights,
             "layers": tap.layer_names, "tokens": args.tokens, "num_prefix_tokens": tap.num_prefix_tokens,
             "img_size": img_size, "data": data_name, "classes": classes, "split_seed": SPLIT_SEED,
-            "mean": list(config["mean"]), "std": list(config["std"])}
+            "mean": list(config["mean"]), "std": list(config["std"]),
+            "init_seed": None if args.pretrained else getattr(args, "seed", 0), "backbone_digest": digest}
     done = set(complete_splits(out)) if args.resume else set()
     with tap:
         return _write_splits(tap, splits, meta, done, args, out, device)
@@ -270,8 +303,9 @@ def _write_splits(tap, splits, meta, done, args, out, device) -> int:
         previous = load_metadata(out, split)
         differs = [key for key in _RESUME_KEYS if previous.get(key) != expected[key]]
         if differs:
-            _say(f"--resume: split {split} in {out} was written with other settings ({', '.join(differs)}); "
-                 "use --overwrite or another --out")
+            details = "; ".join(f"{key}: {previous.get(key)!r} there, {expected[key]!r} now" for key in differs)
+            _say(f"--resume: split {split} in {out} was written with another backbone or settings "
+                 f"({details}); use --overwrite or another --out")
             return 2
     for split, dataset in splits.items():
         if split in done:

@@ -147,6 +147,20 @@ def remove_temporaries(folder) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def fsync_path(path) -> None:
+    """Flushes a file written in place (e.g. through a memory map) to disk before its rename."""
+    _fsync_file(Path(path))
+
+
+def folder_entries(folder) -> list[Path]:
+    """What ``folder`` holds besides fastfuse's lock file and temporary files ([] if absent)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(entry for entry in folder.iterdir()
+                  if entry.name != LOCK_NAME and not entry.name.startswith(TEMP_PREFIX))
+
+
 class FolderLock:
     """Exclusive lock of an output folder for the life of a run (``with FolderLock(dir):``)."""
 

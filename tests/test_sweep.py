@@ -271,7 +271,9 @@ def test_cli(features_dir, tmp_path):
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["probes"]) == 2 and results["settings"]["backend"] == "torch"
-    assert main(["sweep", "--features", str(features_dir), "--lr", "-1", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as refused:  # checked at parse time
+        main(["sweep", "--features", str(features_dir), "--lr", "-1", "--out", str(tmp_path)])
+    assert refused.value.code == 2
 
 
 # --- distributed --------------------------------------------------------------------------
