@@ -23,7 +23,7 @@ RUN = dict(num_heads=2, epochs=2, batch_size=16, progress=False)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny problems: threads only add scheduling noise on a shared 2-core machine.
+    # Tiny problems: more threads only add scheduling noise to them.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -10,13 +10,15 @@ from __future__ import annotations
 import sys
 import time
 
+from ..argtypes import positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="smaller batches, 3 repeats, memory of one case (~3 min on 2 cores)")
+                        help="smaller batches, 3 repeats, memory of one case")
     parser.add_argument("--json", metavar="FILE", help="write machine, cases and records to FILE")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (3 / 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per case (3 / 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--system-allocator", action="store_true",
                         help="keep glibc's default malloc thresholds (see ALLOCATOR_ENV)")
@@ -70,6 +72,13 @@ def run(args) -> int:
     from .runner import MODES, run_cases
 
     started = time.perf_counter()
+    if args.json:  # before the run, not after it
+        from ..storage import check_writable
+        try:
+            check_writable(args.json, what="--json file")
+        except OSError as error:
+            print(f"fastfuse bench: {error}", file=sys.stderr)
+            return 2
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA GPU is visible here", file=sys.stderr)

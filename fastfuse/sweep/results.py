@@ -42,13 +42,7 @@ OUTPUTS = (RESULTS_JSON, RESULTS_CSV, HEATMAP, CHECKPOINT)
 
 def strict(value):
     """``value`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: strict(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(item) for item in value]
-    return value
+    return storage.without_nonfinite(value)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
