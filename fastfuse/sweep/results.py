@@ -203,17 +203,16 @@ def write(results: dict, out_dir, *, checkpoint: Optional[dict] = None, plots: b
     if checkpoint is not None:
         paths["checkpoint"] = out / CHECKPOINT
         storage.torch_save(checkpoint, paths["checkpoint"])
-    else:
-        (out / CHECKPOINT).unlink(missing_ok=True)
     heatmap = write_heatmap(results, out / HEATMAP) if plots else None
     if heatmap is not None:
         paths["heatmap"] = heatmap
-    else:
-        (out / HEATMAP).unlink(missing_ok=True)
     paths["csv"] = out / RESULTS_CSV
     storage.write_text(paths["csv"], csv_text(results))
     paths["json"] = out / RESULTS_JSON
     storage.write_text(paths["json"], json_text + "\n")
+    for kind, name in (("checkpoint", CHECKPOINT), ("heatmap", HEATMAP)):
+        if kind not in paths:  # only once the new results are in place
+            (out / name).unlink(missing_ok=True)
     return {kind: paths[kind] for kind in ("json", "csv", "checkpoint", "heatmap") if kind in paths}
 
 
