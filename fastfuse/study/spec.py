@@ -149,6 +149,9 @@ def parse_study(text: str, *, where: str = "study file", base=None) -> StudySpec
     except tomllib.TOMLDecodeError as error:
         raise StudyFileError(f"{where} is not valid TOML: {error}") from None
     check = _Checker(where)
+    root = data.pop("root", None)  # written by `study run` into its copy: where relative paths resolve
+    if root is not None:
+        base = Path(check.string("root", root))
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         check.fail("", f"unknown section(s) {sorted(unknown)}; expected {sorted(_SECTIONS)}")
