@@ -128,7 +128,9 @@ def create_backbone(name: str, *, pretrained=False, img_size: Optional[int] = No
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise WeightsNotFound(f"pretrained checkpoint {path} is not a file")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        # A state dict, whatever the model's own weights need (some load from .npz through custom_load).
+        overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         return model, str(path)
     try:
         model = timm.create_model(name, pretrained=True, **kwargs)

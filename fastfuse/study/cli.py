@@ -118,12 +118,14 @@ def _run(args) -> int:
              f"follow it with `python -m fastfuse study status {study_dir}`, then `study report {study_dir}`")
         return 0
     if not cells:
-        _say("every cell is complete")
+        _say("nothing to run")
     states = launchers.launch_local(study_dir, cells, devices=args.devices, progress=not args.no_progress)
     code = _report(study_dir)
-    failed = [cell for cell, state in states.items() if state != "done"]
-    if failed:
-        _say(f"not complete: {', '.join(f'{cell} ({states[cell]})' for cell in failed)}; see "
-             f"`python -m fastfuse study status {study_dir}`")
+    from .runner import cell_status
+
+    unfinished = [status for status in cell_status(spec, study_dir) if status.state != "done"]
+    if unfinished:
+        _say(f"not complete: {', '.join(f'{status.cell} ({states.get(status.cell, status.state)})' for status in unfinished)}; "
+             f"see `python -m fastfuse study status {study_dir}`")
         return 1
     return code
