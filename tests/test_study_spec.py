@@ -92,3 +92,22 @@ def test_demo_study_parses():
     spec = parse_study(DEMO_STUDY)
     assert len(spec.cells()) == 4
     assert {dataset.builtin for dataset in spec.datasets} == {"digits", "synthetic-gratings"}
+
+
+def test_synthetic_gratings_are_deterministic_balanced_and_oriented():
+    import numpy as np
+
+    from fastfuse.study import synthetic
+
+    images, labels = synthetic.generate(6, 32)
+    again, _ = synthetic.generate(6, 32)
+    assert np.array_equal(images, again) and images.shape == (48, 3, 32, 32)
+    assert np.bincount(labels).tolist() == [6] * 8
+    assert images.min() >= 0 and images.max() <= 1
+    # Orientation 0 deg varies along x (columns), 90 deg along y (rows): compare gradient energy.
+    grey = images.mean(1)
+    along_x = np.abs(np.diff(grey, axis=2)).mean(axis=(1, 2))
+    along_y = np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2))
+    horizontal = [index for index, label in enumerate(labels) if synthetic.CLASSES[label].endswith("-0deg")]
+    vertical = [index for index, label in enumerate(labels) if synthetic.CLASSES[label].endswith("-90deg")]
+    assert all(along_x[i] > along_y[i] for i in horizontal) and all(along_y[i] > along_x[i] for i in vertical)

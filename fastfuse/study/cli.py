@@ -34,6 +34,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slurm-array-parallelism", type=int, default=256,
                         help="at most this many tasks at once (default: %(default)s)")
     parser.add_argument("--slurm-dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in this process (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,6 +98,12 @@ def _run(args) -> int:
     from . import launchers
     from .runner import cells_to_run, prepare_study
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     spec, study_dir = prepare_study(args.source, args.out, force=args.force)
     cells = cells_to_run(spec, study_dir, retry_failed=args.retry_failed)
     skipped_failures = [cell for cell in cells_to_run(spec, study_dir, retry_failed=True) if cell not in cells]
