@@ -46,7 +46,7 @@ def local_devices(devices: Optional[str] = None) -> list[Optional[str]]:
 def launch_local(study_dir, cell_ids: Sequence[str], *, devices: Optional[str] = None,
                  progress: bool = True) -> dict:
     """One device: the cells in this process, in order. Several: one worker process per device,
-    the cells dealt round-robin; returns {cell: state} (a worker that died reports 'failed')."""
+    the cells dealt round-robin. Returns {cell: done|pending|failed} as the study folder records them."""
     chosen = local_devices(devices)
     if len(chosen) == 1:
         return run_task(str(study_dir), list(cell_ids), device=chosen[0], progress=progress)
@@ -61,17 +61,12 @@ def launch_local(study_dir, cell_ids: Sequence[str], *, devices: Optional[str] =
         if not progress:
             command.append("--no-progress")
         workers.append((share, subprocess.Popen(command, env=dict(os.environ))))
-    states = {}
-    for share, process in workers:
-        code = process.wait()
-        from .runner import cell_status, open_study
+    for _share, process in workers:
+        process.wait()
+    from .runner import cell_status, open_study
 
-        spec = open_study(study_dir)
-        found = {status.cell: status.state for status in cell_status(spec, study_dir)}
-        for cell_id in share:
-            states[cell_id] = found.get(cell_id, "failed") if code == 0 else (
-                "done" if found.get(cell_id) == "done" else "failed")
-    return states
+    found = {status.cell: status.state for status in cell_status(open_study(study_dir), study_dir)}
+    return {cell_id: found.get(cell_id, "failed") for cell_id in cell_ids}
 
 
 @dataclasses.dataclass
@@ -115,7 +110,9 @@ def submit(study_dir, cell_ids: Sequence[str], options: SlurmOptions, *, cells_p
     groups = group_cells(list(cell_ids), cells_per_task)
     executor = make_executor(study_dir, options, len(groups), cluster=cluster)
     study = str(Path(study_dir).resolve())
-    return executor.map_array(run_task, [study] * len(groups), groups, [None] * len(groups),
+    from .requeue import StudyTask
+
+    return executor.map_array(StudyTask(), [study] * len(groups), groups, [None] * len(groups),
                               [progress] * len(groups))
 
 
