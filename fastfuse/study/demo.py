@@ -46,8 +46,8 @@ batch_size = 64
 [probes]
 families = ["linear-last-cls", "linear-all-cls+ap", "attentive-fusion"]
 num_heads = 4
-epochs = 10
-batch_size = 64
+epochs = 8
+batch_size = 128
 
 [grid]
 lr = [1e-3, 3e-3]
