@@ -120,7 +120,10 @@ def create_backbone(name: str, *, pretrained=False, img_size: Optional[int] = No
     kwargs = {"num_classes": 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
+    if cache_dir is not None:  # timm's override of the hub / torch cache folder
+        kwargs["cache_dir"] = cache_dir
     if pretrained is False or pretrained is None:
+        kwargs.pop("cache_dir", None)
         return timm.create_model(name, pretrained=False, **kwargs), "random init"
     if not isinstance(pretrained, (bool, str, Path)):
         raise TypeError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
