@@ -7,8 +7,9 @@
 Writes the train, val and test splits of ``--data`` (see :mod:`fastfuse.features` for the
 files). ``--data digits`` is scikit-learn's bundled 8x8 digits (1797 images, no download);
 ``--data DIR`` an ImageFolder tree, either with train/val/test subfolders or one folder of class
-folders split by a fixed seed. These machines have no network: ``--pretrained`` uses weights only
-if they are already in the Hugging Face or torch hub cache and stops, saying so, if they are not.
+folders split by a fixed seed. ``--pretrained`` loads weights as timm does (downloaded into the
+Hugging Face / torch hub cache on first use, ``HF_HUB_OFFLINE=1`` honoured); ``--pretrained FILE``
+loads a local checkpoint.
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ class WeightsNotFound(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm model name, e.g. vit_small_patch16_224")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load pretrained weights from the local cache (never downloads); "
-                             "without it the model is randomly initialised")
+    parser.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="load pretrained weights as timm does (from the hub cache, downloading them "
+                             "when missing; HF_HUB_OFFLINE=1 keeps to the cache), or from a local "
+                             "CHECKPOINT file; without it the model is randomly initialised")
     parser.add_argument("--data", required=True,
                         help="'digits' (scikit-learn's 8x8 digits) or an ImageFolder directory")
     parser.add_argument("--layers", default="paper",
@@ -114,27 +116,50 @@ def find_cached_weights(pretrained_cfg: dict, cache_dir=None) -> Optional[tuple[
     return None
 
 
-def create_backbone(name: str, *, pretrained: bool, img_size: Optional[int] = None, cache_dir=None):
-    """(timm model without its classifier, where its weights came from)."""
+def create_backbone(name: str, *, pretrained=False, img_size: Optional[int] = None, cache_dir=None):
+    """(timm model without its classifier, where its weights came from).
+
+    ``pretrained``: False (random init), True (timm's own loading: the Hugging Face or torch hub
+    cache, downloading what is not cached; ``HF_HUB_OFFLINE=1`` keeps it to the cache), or the
+    path of a local checkpoint file (a state dict, ``.safetensors`` or ``torch.save``d; timm adapts
+    position embeddings and drops the classifier as for its own weights).
+    """
     import timm
 
     kwargs = {"num_classes": 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if not pretrained:
-        return model, "random init"
-    found = find_cached_weights(dict(model.pretrained_cfg), cache_dir=cache_dir)
-    if found is None:
-        source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url") or "none known"
+    if cache_dir is not None:  # timm's override of the hub / torch cache folder
+        kwargs["cache_dir"] = cache_dir
+    if pretrained is False or pretrained is None:
+        kwargs.pop("cache_dir", None)
+        return timm.create_model(name, pretrained=False, **kwargs), "random init"
+    if not isinstance(pretrained, (bool, str, Path)):
+        raise TypeError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+    if pretrained is not True:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise WeightsNotFound(f"pretrained checkpoint {path} is not a file")
+        # A state dict, whatever the model's own weights need (some load from .npz through custom_load).
+        overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return model, str(path)
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        # Unknown names stay timm's error; a failed download or an offline miss becomes ours.
+        if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
+            raise
+        cfg = timm.models.get_pretrained_cfg(name) or {}
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        source = cfg.get("hf_hub_id") or cfg.get("url") or "none known"
         raise WeightsNotFound(
-            f"pretrained weights for {name} are not on this machine (looked in the Hugging Face "
-            f"and torch hub caches for {source}); this machine cannot download them. Copy them "
-            "into the cache, or run without --pretrained for randomly initialised weights.")
-    path, custom_load = found
-    model = timm.create_model(name, pretrained=True,
-                              pretrained_cfg_overlay={"file": path, "custom_load": custom_load}, **kwargs)
-    return model, path
+            f"cannot load pretrained weights for {name} (from {source}): {type(error).__name__}: {error}. "
+            "They download into the Hugging Face / torch hub cache on first use; with HF_HUB_OFFLINE=1 "
+            "they must already be there. Or pass a local checkpoint file.") from error
+    found = find_cached_weights(dict(model.pretrained_cfg), cache_dir=cache_dir)
+    source = found[0] if found else (model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url"))
+    return model, str(source)
 
 
 def split_indices(labels, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
