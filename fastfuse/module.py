@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .composed_head import ComposedHeadCache, compose_head, composed_is_cheaper, grad_reaches_parameters
 from .gather import gather_tokens, normalize_inputs
 from .ops import attentive_pool
 
@@ -80,6 +81,7 @@ class AttentiveFusion(nn.Module):
         self.attn_block = _AttentiveBlock(dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop)
         self.bn = nn.BatchNorm1d(dim)
         self.classifier = nn.Linear(dim, num_classes)
+        self._composed_head = ComposedHeadCache()
 
     def score_weight(self) -> torch.Tensor:
         """The H folded key vectors ``w_h = scale * gamma_k * (W_k,h^T q_h)`` (SPEC §2), (H, D)."""
@@ -120,6 +122,10 @@ class AttentiveFusion(nn.Module):
         else:
             weight_sums = None
         pooled = pooled.to(param_dtype)
+        if weight_sums is None and self._uses_composed_head():
+            head_weight, head_bias = self.composed_head()
+            logits = torch.addmm(head_bias, pooled.flatten(1), head_weight.t())
+            return (logits, attention) if return_attention else logits
         # W_v,h u_h + b_v,h with u_h = gamma_v * z_h + beta_v * sum_n a_hn (SPEC §2): gamma_v
         # folds into the (small) value weight and beta_v into a per-head bias, so the
         # (B, H, D) pooled tensor is touched only by one batched matmul over the heads.
@@ -134,6 +140,31 @@ class AttentiveFusion(nn.Module):
         out = attn.proj_drop(attn.proj(values.flatten(1)))
         logits = self.classifier(self.bn(out))
         return (logits, attention) if return_attention else logits
+
+    def _uses_composed_head(self) -> bool:
+        """Eval-mode head, no graph into the parameters, and the composed map is cheaper."""
+        bn, proj_drop = self.bn, self.attn_block.cross_attn.proj_drop
+        return (not self.training and not bn.training and bn.running_mean is not None
+                and not (proj_drop.training and proj_drop.p > 0)
+                and composed_is_cheaper(self.num_classes, self.num_heads, self.head_dim, self.dim)
+                and not grad_reaches_parameters(self))
+
+    def composed_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode head after the pooling as one map: (M (C, H*D), m (C,)), logits = M z + m.
+
+        Exact (up to rounding) with BatchNorm on its running statistics and no dropout; cached
+        until any parameter or buffer changes (see :mod:`fastfuse.composed_head`).
+        """
+        def build():
+            block, attn, bn = self.attn_block, self.attn_block.cross_attn, self.bn
+            one = lambda t: None if t is None else t.unsqueeze(0)  # noqa: E731 - P = 1
+            weight, bias = compose_head(
+                self.num_heads, one(attn.v.weight), one(block.norm_v.weight), one(block.norm_v.bias),
+                one(attn.v_bias), one(attn.proj.weight), one(attn.proj.bias), one(bn.running_mean),
+                one(bn.running_var), one(bn.weight), one(bn.bias), bn.eps, one(self.classifier.weight),
+                one(self.classifier.bias))
+            return weight[0], bias[0]
+        return self._composed_head.get(self, build)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
