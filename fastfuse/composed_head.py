@@ -11,7 +11,7 @@ affine in the pooled tokens z (H, D):
 
 Per sample that is C*H*D multiply-adds instead of 2*H*hd*D + C*D, so it pays while
 C*(H-1) < 2*H*hd (at ViT-B, H=12, hd=128: C < 279). The map is built once per parameter
-version: :class:`ComposedHeadCache` keys it on the identity, storage and version counter of
+version: :class:`ParameterVersionCache` keys it on the identity, storage and version counter of
 every parameter and buffer, so in-place optimizer steps, ``load_state_dict`` and ``.to()``
 all rebuild it.
 """
@@ -64,8 +64,9 @@ def grad_reaches_parameters(module: torch.nn.Module) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
 
-class ComposedHeadCache:
-    """Holds the composed map of one module, rebuilt whenever a parameter or buffer changed.
+class ParameterVersionCache:
+    """Holds a value computed from a module's parameters (the composed map, the folded score
+    weights), rebuilt whenever a parameter or buffer changed.
 
     The key is, for every parameter and buffer: a weak reference (identity), its data pointer
     (``.to()`` and ``param.data = ...`` swap the storage), its version counter (bumped by every

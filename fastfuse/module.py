@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .composed_head import ComposedHeadCache, compose_head, composed_is_cheaper, grad_reaches_parameters
+from .composed_head import ParameterVersionCache, compose_head, composed_is_cheaper, grad_reaches_parameters
 from .gather import gather_tokens, normalize_inputs
 from .ops import attentive_pool
 
@@ -81,7 +81,8 @@ class AttentiveFusion(nn.Module):
         self.attn_block = _AttentiveBlock(dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop)
         self.bn = nn.BatchNorm1d(dim)
         self.classifier = nn.Linear(dim, num_classes)
-        self._composed_head = ComposedHeadCache()
+        self._composed_head = ParameterVersionCache()
+        self._frozen_score_weight = ParameterVersionCache()
 
     def score_weight(self) -> torch.Tensor:
         """The H folded key vectors ``w_h = scale * gamma_k * (W_k,h^T q_h)`` (SPEC §2), (H, D)."""
@@ -106,7 +107,9 @@ class AttentiveFusion(nn.Module):
             raise ValueError(f"x is on {layers[0].device} but the probe's parameters are on "
                              f"{self.query_token.device}: move one of them with .to(device)")
         block, attn = self.attn_block, self.attn_block.cross_attn
-        weight = self.score_weight()
+        # Without a graph into the parameters (inference), the folded keys are cached too.
+        weight = (self._frozen_score_weight.get(self, self.score_weight) if not grad_reaches_parameters(self)
+                  else self.score_weight())
         pooled, attention = attentive_pool(list(layers), weight, tokens=tokens,
                                            num_prefix_tokens=num_prefix_tokens,
                                            eps=block.norm_k.eps, backend=self.backend)

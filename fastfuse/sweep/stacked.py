@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..composed_head import ComposedHeadCache, compose_head, composed_is_cheaper, grad_reaches_parameters
+from ..composed_head import ParameterVersionCache, compose_head, composed_is_cheaper, grad_reaches_parameters
 from ..module import AttentiveFusion
 from ..ops import attentive_pool
 from .projections import StackedProjections, StackedScoreWeight
@@ -108,7 +108,8 @@ class StackedAttentiveFusion(nn.Module):
                 self.register_parameter(name, None)
         for key, name in BUFFERS.items():
             self.register_buffer(name, torch.stack([s[key] for s in states]).clone())
-        self._composed_head = ComposedHeadCache()
+        self._composed_head = ParameterVersionCache()
+        self._frozen_score_weight = ParameterVersionCache()
 
     @classmethod
     def from_seeds(cls, seeds: Sequence[int], dim: int, num_heads: int, num_classes: int, *,
@@ -152,7 +153,8 @@ class StackedAttentiveFusion(nn.Module):
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must have shape (batch, tokens, {self.dim}), got {shape}")
         batch, num_probes, heads = tokens.shape[0], self.num_probes, self.num_heads
-        weight = self.score_weight()
+        weight = (self._frozen_score_weight.get(self, self.score_weight) if not grad_reaches_parameters(self)
+                  else self.score_weight())
         pooled, attention = attentive_pool(tokens, weight.reshape(num_probes * heads, self.dim),
                                            eps=self.norm_k_eps, backend=self.backend)
         if self._uses_composed_head():
