@@ -23,7 +23,7 @@ from torch import nn
 from ..composed_head import ParameterVersionCache, compose_head, composed_is_cheaper, grad_reaches_parameters
 from ..module import AttentiveFusion
 from ..ops import attentive_pool
-from .projections import StackedProjections, StackedScoreWeight
+from ..projections import StackedProjections, StackedScoreWeight
 
 # AttentiveFusion / paper state_dict key -> attribute of the stacked module (shape (P, *shape)).
 PARAMETERS = OrderedDict([
@@ -153,11 +153,11 @@ class StackedAttentiveFusion(nn.Module):
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must have shape (batch, tokens, {self.dim}), got {shape}")
         batch, num_probes, heads = tokens.shape[0], self.num_probes, self.num_heads
-        weight = (self._frozen_score_weight.get(self, self.score_weight) if not grad_reaches_parameters(self)
-                  else self.score_weight())
+        caches = not grad_reaches_parameters(self) and not torch.compiler.is_compiling()
+        weight = self._frozen_score_weight.get(self, self.score_weight) if caches else self.score_weight()
         pooled, attention = attentive_pool(tokens, weight.reshape(num_probes * heads, self.dim),
                                            eps=self.norm_k_eps, backend=self.backend)
-        if self._uses_composed_head():
+        if caches and self._uses_composed_head():
             head_weight, head_bias = self.composed_head()
             # (P, B, H*D) view of the pooled tokens times each probe's (H*D, C) map.
             flat = pooled.to(weight.dtype).view(batch, num_probes, heads * self.dim).transpose(0, 1)
