@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..composed_head import composed_is_cheaper
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -20,11 +22,18 @@ class Case:
     def head_dim(self) -> int:
         return 2 * (self.dim // self.heads)
 
-    def folded_flops(self, mode: str) -> float:
-        """FLOPs of the folded probe (SPEC §2); training counts forward + backward (~3x)."""
-        per_sample = (4 * self.num_tokens * self.dim * self.heads            # scores + weighted sum
-                      + 4 * self.dim * self.heads * self.head_dim             # W_v and W_o
-                      + 2 * self.dim * self.classes)
+    def folded_flops(self, mode: str, composed_head: bool = True) -> float:
+        """FLOPs of the folded probe (SPEC §2); training counts forward + backward (~3x).
+
+        Inference counts the cheaper of the head after the pooling (W_v, W_o, classifier) and
+        the composed eval-mode map (C x H*D, fastfuse/composed_head.py), as AttentiveFusion
+        does (``composed_head=False``: always the former).
+        """
+        head = 4 * self.dim * self.heads * self.head_dim + 2 * self.dim * self.classes   # W_v, W_o, W_c
+        if (composed_head and mode != "train"
+                and composed_is_cheaper(self.classes, self.heads, self.head_dim, self.dim)):
+            head = 2 * self.classes * self.heads * self.dim
+        per_sample = 4 * self.num_tokens * self.dim * self.heads + head      # scores + weighted sum
         passes = 3 if mode == "train" else 1
         gather = self.layers * self.layer_tokens * self.dim  # one add per activation (AP means)
         return (per_sample * passes + gather) * self.batch
@@ -32,7 +41,7 @@ class Case:
     def paper_flops(self, mode: str) -> float:
         """FLOPs of the paper's unfused probe: the K and V projections of every token dominate."""
         per_sample = 4 * self.num_tokens * self.dim * self.heads * self.head_dim
-        return per_sample * self.batch * (3 if mode == "train" else 1) + self.folded_flops(mode)
+        return per_sample * self.batch * (3 if mode == "train" else 1) + self.folded_flops(mode, composed_head=False)
 
     def input_bytes(self, itemsize: int = 4) -> float:
         """Bytes of the tokens the probe reads (the layer activations for a gathering case)."""
