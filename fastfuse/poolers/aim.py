@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from . import fold
-from .. import ops
+from ..moments import token_moments
 
 
-def batchnorm_affine(bn: nn.Module, tokens: torch.Tensor, moments=None):
+def batchnorm_affine(bn: nn.Module, tokens: torch.Tensor, moments=None, backend: Optional[str] = None):
     """(gain, shift) (D,) of ``bn`` applied to every token, updating its running buffers in
     training as BatchNorm1d does; (None, None) for an identity. ``moments`` (mean, biased
     variance over all tokens) may be given when the caller has them already."""
@@ -33,7 +33,7 @@ def batchnorm_affine(bn: nn.Module, tokens: torch.Tensor, moments=None):
         if bn.training and count <= 1:
             raise ValueError(f"BatchNorm in training needs more than 1 token in the batch, got x of "
                              f"shape {tuple(tokens.shape)}")
-        mean, var = ops.token_moments(tokens) if moments is None else moments
+        mean, var = token_moments(tokens, backend=backend) if moments is None else moments
         if bn.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
@@ -88,7 +88,7 @@ class AttentionPoolingClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, *, return_attention: bool = False):
         fold.check_tokens(x, self.cls_token.shape[-1], self.cls_token)
-        gain, shift = batchnorm_affine(self.bn, x)
+        gain, shift = batchnorm_affine(self.bn, x, backend=self.backend)
         rows = self.score_weight(gain)
         pooled, attention = fold.pool(x, rows, normalize=self.normalize, eps=self.eps, backend=self.backend)
         logits = self.head(pooled, gain, shift)

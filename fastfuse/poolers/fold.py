@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import ops
+from ..ops import attentive_pool
 
 
 def score_rows(queries: Tensor, key_weight: Tensor, scale: float,
@@ -41,7 +41,7 @@ def score_rows(queries: Tensor, key_weight: Tensor, scale: float,
 def pool(tokens: Tensor, rows: Tensor, *, normalize: str, eps: float,
          backend: Optional[str]) -> tuple[Tensor, Tensor]:
     """The fused op on (B, N, D) tokens; pooled (B, H*M, D) in the rows' dtype, attention as is."""
-    pooled, attention = ops.attentive_pool(tokens, rows, normalize=normalize, eps=eps, backend=backend)
+    pooled, attention = attentive_pool(tokens, rows, normalize=normalize, eps=eps, backend=backend)
     return pooled.to(rows.dtype), attention
 
 
