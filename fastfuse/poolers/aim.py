@@ -55,8 +55,6 @@ def batchnorm_affine(bn: nn.Module, tokens: torch.Tensor, moments=None, backend:
 class AttentionPoolingClassifier(nn.Module):
     """AIM's attention-pooling classifier, folded. forward(x (B, N, D)) -> logits."""
 
-    normalize, eps = "none", 0.0
-
     def __init__(self, dim: int, out_features: int, num_heads: int = 12, num_queries: int = 1,
                  use_batch_norm: bool = True, qkv_bias: bool = False, linear_bias: bool = False,
                  average_pool: bool = True, *, backend: Optional[str] = None):
@@ -81,18 +79,24 @@ class AttentionPoolingClassifier(nn.Module):
         queries = self.cls_token.reshape(num_queries, self.num_heads, head_dim)
         return fold.score_rows(queries, self.k.weight, head_dim ** -0.5, gain, self.k.bias)
 
-    def head(self, pooled, gain, shift):
-        """The dense tail on pooled (B, H*M, D): values, query average, linear."""
+    def token_norm(self):
+        return "none", 0.0
+
+    def plan(self, x: torch.Tensor, moments=None):
+        """Stage 1: (tokens, score rows, BatchNorm's (gain, shift)); updates the running
+        buffers in training. ``moments`` (mean, biased var over the tokens) may be shared."""
+        fold.check_tokens(x, self.cls_token.shape[-1], self.cls_token)
+        gain, shift = batchnorm_affine(self.bn, x, moments, backend=self.backend)
+        return x, self.score_weight(gain), (gain, shift)
+
+    def finish(self, pooled: torch.Tensor, context) -> torch.Tensor:
+        """Stage 2 on pooled (B, H*M, D): values, query average, linear."""
+        gain, shift = context
         out = fold.project_values(pooled, self.v.weight, self.v.bias, self.num_heads, gain, shift)
         return self.linear(out.mean(dim=1) if self.average_pool else out)
 
     def forward(self, x: torch.Tensor, *, return_attention: bool = False):
-        fold.check_tokens(x, self.cls_token.shape[-1], self.cls_token)
-        gain, shift = batchnorm_affine(self.bn, x, backend=self.backend)
-        rows = self.score_weight(gain)
-        pooled, attention = fold.pool(x, rows, normalize=self.normalize, eps=self.eps, backend=self.backend)
-        logits = self.head(pooled, gain, shift)
-        return (logits, fold.attention_map(attention, self.num_heads)) if return_attention else logits
+        return fold.run(self, x, return_attention, self.num_heads)
 
     @classmethod
     def from_upstream(cls, module: nn.Module, backend: Optional[str] = None) -> "AttentionPoolingClassifier":

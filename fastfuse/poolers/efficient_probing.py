@@ -25,8 +25,6 @@ class EfficientProbing(nn.Module):
     the fused op shares its score rows across the batch.
     """
 
-    normalize, eps = "none", 0.0
-
     def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = False,
                  qk_scale: Optional[float] = None, num_queries: int = 32, d_out: int = 1, *,
                  backend: Optional[str] = None):
@@ -49,7 +47,14 @@ class EfficientProbing(nn.Module):
         """(num_queries, D): w_m = scale * q_m (no key projection)."""
         return self.cls_token.reshape(self.num_queries, -1) * self.scale
 
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+    def token_norm(self):
+        return "none", 0.0
+
+    def plan(self, x: torch.Tensor):
+        fold.check_tokens(x, self.cls_token.shape[-1], self.cls_token)
+        return x, self.score_weight(), None
+
+    def finish(self, pooled: torch.Tensor, _context=None) -> torch.Tensor:
         """Query m's pooled token through slice m of the value projection -> (B, dim // d_out)."""
         batch, num_queries, dim = pooled.shape
         weight = self.v.weight.reshape(num_queries, -1, dim)                   # (M, c, D)
@@ -63,11 +68,7 @@ class EfficientProbing(nn.Module):
         if cls is not None:
             raise ValueError("cls (per-sample queries) does not fold: the fused op shares its score "
                              "rows across the batch; use the upstream module for per-sample queries")
-        fold.check_tokens(x, self.cls_token.shape[-1], self.cls_token)
-        rows = self.score_weight()
-        pooled, attention = fold.pool(x, rows, normalize=self.normalize, eps=self.eps, backend=self.backend)
-        out = self.head(pooled)
-        return (out, fold.attention_map(attention, 1)) if return_attention else out
+        return fold.run(self, x, return_attention, 1)
 
     @classmethod
     def from_upstream(cls, module: nn.Module, backend: Optional[str] = None) -> "EfficientProbing":

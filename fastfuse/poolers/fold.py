@@ -70,6 +70,19 @@ def project_values(pooled: Tensor, value_weight: Tensor, value_bias: Optional[Te
     return values.reshape(batch, num_queries, heads * head_dim)
 
 
+def run(pooler, x: Tensor, return_attention: bool, heads: int):
+    """A pooler's forward: ``plan`` (score rows), the fused op, ``finish`` (the dense tail).
+
+    Every fused pooler exposes these stages, so P probes of one family can share one op call
+    on their stacked score rows (fastfuse.sweep.families).
+    """
+    tokens, rows, context = pooler.plan(x)
+    normalize, eps = pooler.token_norm()
+    pooled, attention = pool(tokens, rows, normalize=normalize, eps=eps, backend=pooler.backend)
+    out = pooler.finish(pooled, context)
+    return (out, attention_map(attention, heads)) if return_attention else out
+
+
 def attention_map(attention: Tensor, heads: int) -> Tensor:
     """(B, H*M, N) -> (B, H, M, N), the upstream layout of attention maps."""
     batch, rows, num_tokens = attention.shape

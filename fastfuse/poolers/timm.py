@@ -109,8 +109,6 @@ class AttentionPoolLatent(nn.Module):
                 std = self.pos_embed.shape[1] ** -0.5
                 nn.init.trunc_normal_(self.pos_embed, std=std, a=-2 * std, b=2 * std)
 
-    normalize, eps = "none", 0.0
-
     def score_weight(self) -> torch.Tensor:
         """(H * latent_len, D) folded score rows (SPEC §5; the key bias cancels)."""
         embed_dim = self.kv.weight.shape[1]
@@ -118,20 +116,21 @@ class AttentionPoolLatent(nn.Module):
         queries = queries.reshape(self.latent_len, self.num_heads, self.head_dim)
         return fold.score_rows(queries, self.kv.weight[:embed_dim], self.scale)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, *,
-                return_attention: bool = False):
-        if attn_mask is not None:
-            raise ValueError("attn_mask is not supported by the fused pooler (the op attends over "
-                             "every token); use timm's module for masked pooling")
+    def token_norm(self):
+        return "none", 0.0
+
+    def plan(self, x: torch.Tensor):
+        """Stage 1: (tokens for the op, score rows, context for :meth:`finish`)."""
         fold.check_tokens(x, self.kv.weight.shape[1], self.latent)
         if self.pos_embed is not None:
             if x.shape[1] != self.pos_embed.shape[0]:
                 raise ValueError(f"x has {x.shape[1]} tokens but pos_embed holds feat_size="
                                  f"{self.pos_embed.shape[0]}")
             x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
-        rows = self.score_weight()
-        pooled, attention = fold.pool(x, rows, normalize=self.normalize, eps=self.eps,
-                                      backend=self.backend)
+        return x, self.score_weight(), None
+
+    def finish(self, pooled: torch.Tensor, _context=None) -> torch.Tensor:
+        """Stage 2: the dense tail on the pooled (B, H*M, D) tokens."""
         embed_dim = self.kv.weight.shape[1]
         value_bias = None if self.kv.bias is None else self.kv.bias[embed_dim:]
         out = fold.project_values(pooled, self.kv.weight[embed_dim:], value_bias, self.num_heads)
@@ -142,9 +141,14 @@ class AttentionPoolLatent(nn.Module):
             out = out[:, 0]
         elif self.pool == "avg":
             out = out.mean(1)
-        if return_attention:
-            return out, fold.attention_map(attention, self.num_heads)
         return out
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, *,
+                return_attention: bool = False):
+        if attn_mask is not None:
+            raise ValueError("attn_mask is not supported by the fused pooler (the op attends over "
+                             "every token); use timm's module for masked pooling")
+        return fold.run(self, x, return_attention, self.num_heads)
 
     @classmethod
     def from_upstream(cls, module: nn.Module, backend: Optional[str] = None) -> "AttentionPoolLatent":

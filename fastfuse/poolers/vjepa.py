@@ -173,25 +173,32 @@ class AttentivePooler(nn.Module):
         queries = queries.reshape(num_queries, xattn.num_heads, dim // xattn.num_heads)
         return fold.score_rows(queries, xattn.kv.weight[:dim], xattn.scale, gain)
 
-    def forward(self, x: torch.Tensor, *, return_attention: bool = False):
+    def token_norm(self):
+        _gain, _shift, eps, normalize = self._token_affine()
+        return normalize, eps
+
+    def plan(self, x: torch.Tensor):
+        """Stage 1: (tokens for the op, score rows, context for :meth:`finish`)."""
         fold.check_tokens(x, self.query_tokens.shape[-1], self.query_tokens)
+        return x, self.score_weight(), None
+
+    def finish(self, pooled: torch.Tensor, _context=None) -> torch.Tensor:
+        """Stage 2: values, projection, residual + MLP and the extra blocks, on (B, H*M, D)."""
         xattn, dim = self._xattn, self.query_tokens.shape[-1]
-        gain, shift, eps, normalize = self._token_affine()
-        rows = self.score_weight()
-        pooled, attention = fold.pool(x, rows, normalize=normalize, eps=eps, backend=self.backend)
+        gain, shift, _eps, _normalize = self._token_affine()
         value_bias = None if xattn.kv.bias is None else xattn.kv.bias[dim:]
         values = fold.project_values(pooled, xattn.kv.weight[dim:], value_bias, xattn.num_heads, gain, shift)
         out = xattn.proj(values)                                   # (B, M, D)
         if self.complete_block:
             block = self.cross_attention_block
-            queries = self.query_tokens.expand(x.shape[0], -1, -1)
-            out = queries + out
+            out = self.query_tokens + out
             out = out + block.mlp(block.norm2(out))
         for block in self.blocks or []:
             out = block(out)
-        if return_attention:
-            return out, fold.attention_map(attention, xattn.num_heads)
         return out
+
+    def forward(self, x: torch.Tensor, *, return_attention: bool = False):
+        return fold.run(self, x, return_attention, self._xattn.num_heads)
 
     @classmethod
     def from_upstream(cls, module: nn.Module, backend: Optional[str] = None) -> "AttentivePooler":
@@ -246,10 +253,21 @@ class AttentiveClassifier(nn.Module):
                                       qkv_bias, complete_block, backend=backend)
         self.linear = nn.Linear(embed_dim, num_classes, bias=True)
 
+    def token_norm(self):
+        return self.pooler.token_norm()
+
+    def plan(self, x: torch.Tensor):
+        return self.pooler.plan(x)
+
+    def finish(self, pooled: torch.Tensor, context=None) -> torch.Tensor:
+        return self.linear(self.pooler.finish(pooled, context).squeeze(1))
+
     def forward(self, x: torch.Tensor, *, return_attention: bool = False):
-        pooled, attention = self.pooler(x, return_attention=True)
-        logits = self.linear(pooled.squeeze(1))
-        return (logits, attention) if return_attention else logits
+        return fold.run(self, x, return_attention, self.pooler._xattn.num_heads)
+
+    @property
+    def backend(self):
+        return self.pooler.backend
 
     @classmethod
     def from_upstream(cls, module: nn.Module, backend: Optional[str] = None) -> "AttentiveClassifier":
