@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wd", default="1e-6,1e-4,1e-2",
                         help="weight decays, comma separated (default: %(default)s)")
     parser.add_argument("--seeds", default="0", help="probe init seeds, comma separated (default: %(default)s)")
+    parser.add_argument("--probe", default="attentive-fusion",
+                        choices=["attentive-fusion", "timm-map", "vjepa", "aim", "ep"],
+                        help="probe family (fused poolers, docs/poolers.md; default: %(default)s)")
     parser.add_argument("--num-heads", type=int, default=12, help="attention heads per probe (default: %(default)s)")
     parser.add_argument("--head-dim", type=int, default=None, help="per-head size (default: 2 * dim // num_heads)")
     parser.add_argument("--qkv-bias", action="store_true", help="learn q and v biases")
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                         wd_search_rounds=args.wd_search_rounds, wd_search_min_step=args.wd_search_min_step,
                         backend=args.backend, device=args.device, baselines=not args.no_baselines,
                         eval_batch_size=args.eval_batch_size, probes_per_call=args.probes_per_call,
+                        probe=args.probe,
                         out=args.out, progress=not args.no_progress,
                         plots=not args.no_plots, verbose=True)
     if "files" in results:

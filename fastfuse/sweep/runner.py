@@ -56,7 +56,7 @@ def run_sweep(features: Union[str, Path, SweepData], grid: Union[SweepGrid, Mapp
               sequential: bool = False, wd_search: bool = False, wd_search_rounds: int = 4,
               wd_search_min_step: float = 0.1, backend: Optional[str] = None, device: Optional[str] = None,
               baselines: bool = True, eval_batch_size: int = 1024, fused_adamw: bool = True,
-              probes_per_call: Optional[int] = None,
+              probes_per_call: Optional[int] = None, probe: str = "attentive-fusion",
               out: Union[str, Path, None] = None,
               progress: bool = True, plots: bool = True, verbose: bool = False) -> dict:
     """Train every probe of ``grid`` on cached features, in lockstep; choose the best on val.
@@ -80,6 +80,8 @@ def run_sweep(features: Union[str, Path, SweepData], grid: Union[SweepGrid, Mapp
         probes_per_call: probes scored per fused-op call; None (default) scores all P*H keys
             of a lockstep group in one pass over each minibatch. Smaller chunks keep the
             working set in cache (on CPU, measure); results are the same.
+        probe: the probe family: "attentive-fusion" (the paper's, default) or one of
+            ``fastfuse.sweep.families.FAMILIES`` ("timm-map", "vjepa", "aim", "ep").
         out: directory for results.json / results.csv / attention.png / best_probe.pt (rank 0).
         progress: tqdm bars on stderr; verbose: print the table (rank 0).
 
@@ -97,7 +99,7 @@ def run_sweep(features: Union[str, Path, SweepData], grid: Union[SweepGrid, Mapp
                                  batch_size=batch_size, warmup_epochs=warmup_epochs, data_seed=data_seed,
                                  backend=backend, device=context.device, baselines=baselines,
                                  eval_batch_size=eval_batch_size, fused_adamw=fused_adamw,
-                                 probes_per_call=probes_per_call)
+                                 probes_per_call=probes_per_call, probe=probe)
         rows, snapshots, probe_kwargs = {}, {}, None
         configs, round_index, search_rounds = grid.configs(), 0, []
         while configs:
