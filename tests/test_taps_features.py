@@ -29,7 +29,10 @@ MODELS = {
     "vit_s16": ("vit_small_patch16_224", 32, 1, 6),          # ViT-S/16 widths, 2x2 patches
     "vit_ti16": ("vit_tiny_patch16_224", 32, 1, 3),
     "vit_s14_reg4": ("vit_small_patch14_reg4_dinov2", 28, 5, 6),  # CLS + 4 registers
+    "vit_ti16_map": ("vit_tiny_patch16_224", 32, 1, 3),      # attention-pool (MAP) head, as SigLIP
 }
+# Extra timm.create_model arguments per key.
+MODEL_KWARGS = {"vit_ti16_map": {"global_pool": "map"}}
 _built = {}
 
 
@@ -38,7 +41,8 @@ def build(key):
     if key not in _built:
         name, img_size, _, _ = MODELS[key]
         torch.manual_seed(0)
-        _built[key] = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size).eval()
+        _built[key] = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
+                                        **MODEL_KWARGS.get(key, {})).eval()
     return _built[key]
 
 

@@ -272,12 +272,19 @@ def ops():
     return forward, backward
 
 
-def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+def forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
+    _check_layernorm(normalize)
     return ops()[0](list(layers), score_weight, tokens, num_prefix_tokens, eps)
 
 
+def _check_layernorm(normalize):
+    if normalize != "layernorm":
+        raise NotImplementedError(f"the triton backend does not support normalize={normalize!r} yet")
+
+
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-             tokens, num_prefix_tokens, layers_need_grad=True):
+             tokens, num_prefix_tokens, layers_need_grad=True, normalize="layernorm"):
+    _check_layernorm(normalize)
     grad_layers, grad_weight = ops()[1](grad_pooled, grad_attention, list(layers), score_weight,
                                         pooled, attention, mean, rstd, tokens, num_prefix_tokens,
                                         layers_need_grad)
@@ -285,4 +292,4 @@ def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attentio
 
 
 BACKEND = Backend("triton", ("cuda", "cpu") if _interpreting() else ("cuda",), _availability,
-                  forward, backward)
+                  forward, backward, normalizations=("layernorm",))

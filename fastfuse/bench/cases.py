@@ -67,11 +67,13 @@ FULL_CASES = (
     Case("vitb-all-n197", 256, 197, 768, 12),                 # all tokens of one layer
     Case("vitb-all-layers-n2364", 16, 12 * 197, 768, 12),     # all tokens of all 12 layers
     Case("vitb-gather-cls+ap", 128, 24, 768, 12, layers=12, layer_tokens=197, tokens_spec="cls+ap"),
+    Case("vitb-video-n1568", 16, 1568, 768, 12),              # video-like: V-JEPA's 16x224 clips, 8x14x14 tubelets
 )
 
 # --quick: the same cases at these batches (about 1/4 to 1/8 of the full ones).
 QUICK_BATCH = {"vits-cls+ap-n24": 256, "vitb-cls+ap-n24": 256, "vitl-cls+ap-n48": 64,
-               "vitb-all-n197": 32, "vitb-all-layers-n2364": 4, "vitb-gather-cls+ap": 32}
+               "vitb-all-n197": 32, "vitb-all-layers-n2364": 4, "vitb-gather-cls+ap": 32,
+               "vitb-video-n1568": 4}
 QUICK_CASES = tuple(dataclasses.replace(case, batch=QUICK_BATCH[case.name]) for case in FULL_CASES)
 
 # --quick measures peak memory only for this case (one fresh process per implementation).

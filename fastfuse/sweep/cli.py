@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wd", type=_grid_list("wd"), default="1e-6,1e-4,1e-2",
                         help="weight decays, comma separated (default: %(default)s)")
     parser.add_argument("--seeds", type=_grid_list("seed"), default="0", help="probe init seeds, comma separated (default: %(default)s)")
+    parser.add_argument("--probe", default="attentive-fusion",
+                        choices=["attentive-fusion", "timm-map", "vjepa", "aim", "ep"],
+                        help="probe family (fused poolers, docs/poolers.md; default: %(default)s)")
     parser.add_argument("--num-heads", type=positive_int, default=12, help="attention heads per probe (default: %(default)s)")
     parser.add_argument("--head-dim", type=positive_int, default=None, help="per-head size (default: 2 * dim // num_heads)")
     parser.add_argument("--qkv-bias", action="store_true", help="learn q and v biases")
@@ -96,6 +99,6 @@ def _run(args, grid, run_sweep):
                      wd_search_rounds=args.wd_search_rounds, wd_search_min_step=args.wd_search_min_step,
                      backend=args.backend, device=args.device, baselines=not args.no_baselines,
                      eval_batch_size=args.eval_batch_size, probes_per_call=args.probes_per_call,
-                     out=args.out, resume=args.resume, overwrite=args.overwrite,
+                     probe=args.probe, out=args.out, resume=args.resume, overwrite=args.overwrite,
                      nonfinite="drop" if args.drop_nonfinite else "raise", progress=not args.no_progress,
                      plots=not args.no_plots, verbose=True)

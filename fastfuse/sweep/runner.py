@@ -109,7 +109,7 @@ def run_sweep(features: Union[str, Path, SweepData], grid: Union[SweepGrid, Mapp
               sequential: bool = False, wd_search: bool = False, wd_search_rounds: int = 4,
               wd_search_min_step: float = 0.1, backend: Optional[str] = None, device: Optional[str] = None,
               baselines: bool = True, eval_batch_size: int = 1024, fused_adamw: bool = True,
-              probes_per_call: Optional[int] = None,
+              probes_per_call: Optional[int] = None, probe: str = "attentive-fusion",
               out: Union[str, Path, None] = None, resume: bool = False, overwrite: bool = False,
               nonfinite: str = "raise",
               progress: bool = True, plots: bool = True, verbose: bool = False) -> dict:
@@ -134,6 +134,8 @@ def run_sweep(features: Union[str, Path, SweepData], grid: Union[SweepGrid, Mapp
         probes_per_call: probes scored per fused-op call; None (default) scores all P*H keys
             of a lockstep group in one pass over each minibatch. Smaller chunks keep the
             working set in cache (on CPU, measure); results are the same.
+        probe: the probe family: "attentive-fusion" (the paper's, default) or one of
+            ``fastfuse.sweep.families.FAMILIES`` ("timm-map", "vjepa", "aim", "ep").
         out: directory for results.json / results.csv / attention.png / best_probe.pt (rank 0),
             locked for the run; per-epoch checkpoints live in OUT/checkpoints until the end.
         resume: continue the sweep written in ``out`` (refused when ``out`` holds another sweep);
@@ -164,7 +166,7 @@ def run_sweep(features: Union[str, Path, SweepData], grid: Union[SweepGrid, Mapp
                                  batch_size=batch_size, warmup_epochs=warmup_epochs, data_seed=data_seed,
                                  backend=backend, device=context.device, baselines=baselines,
                                  eval_batch_size=eval_batch_size, fused_adamw=fused_adamw,
-                                 probes_per_call=probes_per_call)
+                                 probes_per_call=probes_per_call, probe=probe)
         problem, finished = None, None
         if out is not None and context.is_main:  # rank 0 holds the lock and decides
             identity = results_io.strict({

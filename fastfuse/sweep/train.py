@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import storage
+from . import families
 from .data import Split, SweepData, balanced_accuracy, batch_indices, steps_per_epoch
 from .grid import ProbeConfig
 from .optim import StackedAdamW, cosine_with_warmup
@@ -55,8 +56,12 @@ class TrainSettings:
     eps: float = 1e-8
     fused_adamw: bool = True     # torch's fused AdamW kernel per probe (see optim.StackedAdamW)
     probes_per_call: Optional[int] = None   # probes per fused-op call; None: all in one call
+    probe: str = "attentive-fusion"          # the probe family (fastfuse.sweep.families)
 
     def __post_init__(self):
+        if self.probe not in (families.DEFAULT, *families.FAMILIES):
+            raise ValueError(f"probe must be one of {', '.join((families.DEFAULT, *families.FAMILIES))}, "
+                             f"got {self.probe!r}")
         for name in ("num_heads", "epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -112,9 +117,14 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, class_wei
 
 def build_models(data: SweepData, configs: Sequence[ProbeConfig], settings: TrainSettings) -> dict:
     seeds = [config.seed for config in configs]
-    models = {ATTENTIVE: ProbeBank.from_seeds(
-        seeds, data.dim, settings.num_heads, data.num_classes, probes_per_call=settings.probes_per_call,
-        head_dim=settings.head_dim, qkv_bias=settings.qkv_bias, backend=settings.backend)}
+    if settings.probe != families.DEFAULT:   # another pooler family (one op call for all P probes)
+        attentive = families.FamilyBank.from_seeds(settings.probe, seeds, data.dim, settings.num_heads,
+                                                   data.num_classes, backend=settings.backend)
+    else:
+        attentive = ProbeBank.from_seeds(
+            seeds, data.dim, settings.num_heads, data.num_classes, probes_per_call=settings.probes_per_call,
+            head_dim=settings.head_dim, qkv_bias=settings.qkv_bias, backend=settings.backend)
+    models = {ATTENTIVE: attentive}
     if settings.baselines:
         for name in BASELINES:
             models[name] = StackedLinearProbe(seeds, baseline_features(name, data), data.num_classes)
