@@ -7,13 +7,27 @@ ptxas' register reports (built for both archs with Triton's bundled ptxas): the 
 SM (4-warp programs x 4, or 8-warp x 2) to keep enough loads in flight for a memory-bound
 kernel; the backward holds more live tiles (dxh, ds, g, w, the dw partial) and runs
 uncapped (about 2 programs per SM). The wider-head configs serve several probes at once.
-Autotuning, keyed on (N, D, H), picks among them on the device.
+
+Autotuning picks among them on the device, keyed on everything that changes the best one
+(AUTOTUNE_KEY + the kernel's switches): N, D, H, the batch rounded up to a power of two (the
+launcher's ``batch_bucket``: a last partial batch reuses the full batches' choice and, with
+``batch`` not specialised, their compiled kernel), the token dtype, the addressing mode, the
+row alignment and the backward's constexpr switches.
+
+FASTFUSE_TRITON_CONFIG=i forces config i of each table (the last one if i is past its end)
+and skips autotuning: how scripts/gpu_check.sh runs the tests once per config.
 
 The interpreter runs one small config, so that its tests cover several tiles over N, D and
 heads at small shapes.
 """
+import os
+
 import triton
 from triton import knobs
+
+AUTOTUNE_KEY = ["num_tokens", "dim", "heads", "batch_bucket", "TOKEN_DTYPE", "ADDRESSING", "ROW_ALIGN"]
+FORWARD_SWITCHES = []
+BACKWARD_SWITCHES = ["HAS_GRAD_ATTENTION", "GRAD_ALIGN", "NEED_DX"]
 
 _INTERPRETER = dict(BLOCK_N=32, BLOCK_D=32, BLOCK_H=16)
 
@@ -35,9 +49,27 @@ _BACKWARD = [
 ]
 
 
+def forced_config_index() -> int | None:
+    """The config index FASTFUSE_TRITON_CONFIG asks for, or None (autotune)."""
+    value = os.environ.get("FASTFUSE_TRITON_CONFIG", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"FASTFUSE_TRITON_CONFIG must be a config index (0, 1, ...), got {value!r}")
+    return int(value)
+
+
+def config_tables() -> dict:
+    """The shipped (BLOCK_N, BLOCK_D, BLOCK_H, num_warps, num_stages, maxnreg) rows per kernel."""
+    return {"forward": list(_FORWARD), "backward": list(_BACKWARD)}
+
+
 def _configs(table):
     if knobs.runtime.interpret:
         return [triton.Config(dict(_INTERPRETER), num_warps=4, num_stages=1)]
+    forced = forced_config_index()
+    if forced is not None:
+        table = [table[min(forced, len(table) - 1)]]
     return [triton.Config(dict(BLOCK_N=n, BLOCK_D=d, BLOCK_H=h), num_warps=w, num_stages=s, maxnreg=r)
             for n, d, h, w, s, r in table]
 

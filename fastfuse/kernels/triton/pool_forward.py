@@ -26,18 +26,18 @@ per byte, about 2x the float16 intensity, near the FMA roofline at H = 12).
 import triton
 import triton.language as tl
 
-from .configs import forward_configs, prune
+from .configs import AUTOTUNE_KEY, FORWARD_SWITCHES, forward_configs, prune
 from .tokens import GATHERED, gather_sample, load_token_tile
 
 
-@triton.autotune(configs=forward_configs(), key=["num_tokens", "dim", "heads"],
+@triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY + FORWARD_SWITCHES,
                  prune_configs_by={"early_config_prune": prune})
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])
 def pool_forward_kernel(
-    layers_ptr, token_table_ptr, layer_table_ptr, weight_ptr, scratch_ptr,
+    layers, token_table_ptr, weight_ptr, scratch_ptr,
     pooled_ptr, attention_ptr, mean_ptr, rstd_ptr,
-    batch, num_tokens, dim, heads, stride_b, stride_t, stride_d, eps,
-    ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    batch, num_tokens, dim, heads, stride_b, stride_t, stride_d, eps, batch_bucket,
+    TOKEN_DTYPE: tl.constexpr, ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -48,7 +48,7 @@ def pool_forward_kernel(
     for b in range(pid, batch, tl.num_programs(0)):
         b64 = tl.cast(b, tl.int64)
         if ADDRESSING == GATHERED:
-            gather_sample(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64, num_tokens,
+            gather_sample(layers, token_table_ptr, slot_ptr, b64, num_tokens,
                           dim, stride_d, ROW_ALIGN, ACC, BLOCK_N, BLOCK_D)
             tl.debug_barrier()
         for h0 in range(0, heads, BLOCK_H):
@@ -67,7 +67,7 @@ def pool_forward_kernel(
                 for d0 in range(0, dim, BLOCK_D):
                     d_offs = d0 + d_base
                     d_mask = d_offs < dim
-                    x = load_token_tile(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64,
+                    x = load_token_tile(layers, token_table_ptr, slot_ptr, b64,
                                         n_offs, d_offs, num_tokens, dim, stride_b, stride_t,
                                         stride_d, ADDRESSING, ROW_ALIGN, ACC)
                     w = tl.load(weight_ptr + h_offs[None, :] * dim + d_offs[:, None],
@@ -113,7 +113,7 @@ def pool_forward_kernel(
                     tl.store(att_ptrs, weights, mask=valid & (d0 + BLOCK_D >= dim))
                     mean = tl.load(mean_ptr + b64 * num_tokens + n_offs, mask=n_mask, other=0.0)
                     rstd = tl.load(rstd_ptr + b64 * num_tokens + n_offs, mask=n_mask, other=0.0)
-                    x = load_token_tile(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64,
+                    x = load_token_tile(layers, token_table_ptr, slot_ptr, b64,
                                         n_offs, d_offs, num_tokens, dim, stride_b, stride_t,
                                         stride_d, ADDRESSING, ROW_ALIGN, ACC)
                     normed = (x - mean[:, None]) * rstd[:, None]
