@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import graphs
 from .data import SweepData, balanced_accuracy, batch_indices, steps_per_epoch
 from .grid import ProbeConfig
 from .optim import StackedAdamW, cosine_with_warmup
@@ -167,6 +168,9 @@ def train_group(data: SweepData, configs: Sequence[ProbeConfig], settings: Train
     num_probes = len(configs)
     models = build_models(data, configs, settings)
     units = _units(models, configs, settings)
+    # The attentive chunks' forward + backward replayed as CUDA graphs on GPU (sweep/graphs.py).
+    forwards = [graphs.wrap(unit.model, settings.device) if unit.name == ATTENTIVE else unit.model
+                for unit in units]
     class_weight = data.class_weights().to(settings.device)
     train = data.splits["train"]
     steps = steps_per_epoch(len(train), settings.batch_size)
@@ -186,21 +190,23 @@ def train_group(data: SweepData, configs: Sequence[ProbeConfig], settings: Train
         for epoch in range(settings.epochs):
             for model in models.values():
                 model.train()
-            loss_sums = {name: torch.zeros(num_probes, dtype=torch.float64) for name in models}
+            # On the device: adding a step's losses must not wait for the step (no host sync).
+            loss_sums = {name: torch.zeros(num_probes, dtype=torch.float64, device=settings.device)
+                         for name in models}
             batches = batch_indices(len(train), settings.batch_size, settings.data_seed, epoch)
             for indices in batches:
                 tokens, labels = train.batch(indices, settings.device)
                 factor = cosine_with_warmup(step, total_steps, warmup_steps)
                 # Each unit's forward, backward and update run back to back while its weights
                 # are still in cache; probes share no parameter, so the order changes nothing.
-                for unit in units:
+                for unit, forward in zip(units, forwards):
                     unit.optimizer.set_lr_factor(factor)
                     unit.optimizer.zero_grad()
                     inputs = tokens if unit.name == ATTENTIVE else baseline_inputs(unit.name, tokens, data)
-                    per_probe = weighted_cross_entropy(unit.model(inputs), labels, class_weight)
+                    per_probe = weighted_cross_entropy(forward(inputs), labels, class_weight)
                     per_probe.sum().backward()
                     unit.optimizer.step()
-                    loss_sums[unit.name][unit.probes] += per_probe.detach().to("cpu", torch.float64)
+                    loss_sums[unit.name][unit.probes] += per_probe.detach().to(torch.float64)
                 step += 1
                 if bar is not None:
                     bar.update(1)
@@ -209,7 +215,7 @@ def train_group(data: SweepData, configs: Sequence[ProbeConfig], settings: Train
             for name in models:
                 history[name]["val_acc"].append(val_acc[name].tolist())
                 history[name]["test_acc_per_epoch"].append(test_acc[name].tolist())
-                history[name]["train_loss"].append((loss_sums[name] / len(batches)).tolist())
+                history[name]["train_loss"].append((loss_sums[name].cpu() / len(batches)).tolist())
                 record = best[name]
                 for p in range(num_probes):
                     if float(val_acc[name][p]) > record["val"][p]:  # first epoch reaching the best wins
