@@ -246,9 +246,10 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     # Only the gathered form has per-program scratch; the others take one program per sample.
     programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None)
     scratch = first.new_empty((programs, num_tokens, dim) if addressing == GATHERED else (1,), dtype=acc)
+    softmax_state = first.new_empty((programs, 2, heads), dtype=acc)  # running max and sum
     kernel = _kernels()[0]
     torch.library.wrap_triton(kernel)[(programs,)](
-        tuple(layers), token_table, score_weight, scratch, pooled, attention, mean, rstd,
+        tuple(layers), token_table, score_weight, scratch, softmax_state, pooled, attention, mean, rstd,
         batch, num_tokens, dim, heads, first.stride(0), first.stride(1), stride_d, eps,
         launch.batch_bucket, TOKEN_DTYPE=str(first.dtype).removeprefix("torch."),
         ADDRESSING=addressing, ROW_ALIGN=launch.row_align, **_dot_options(first.dtype))
