@@ -96,7 +96,7 @@ def build(kernel_name: str, index: int, arch: str, dtype: str, dim: int, address
     from fastfuse.kernels.triton.pool_forward import pool_forward_kernel
 
     kernel = {"forward": pool_forward_kernel, "backward": pool_backward_kernel}[kernel_name]
-    block_n, block_d, block_h, warps, stages, maxnreg = config_tables()[kernel_name][index]
+    block_n, block_d, block_h, warps, stages, maxnreg, _ = config_tables()[kernel_name][index]
     fn = kernel.fn
     half = dtype in ("float16", "bfloat16")
     vector = 16 // {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
@@ -119,27 +119,31 @@ def build(kernel_name: str, index: int, arch: str, dtype: str, dim: int, address
                 addressing=addressing, **_ptxas_report(compiled.asm["ptx"], arch))
 
 
+def _dtypes(classes) -> list[str]:
+    names = {"half": ["bfloat16", "float16"], "float32": ["float32"], "float64": ["float64"]}
+    return [name for cls in classes for name in names[cls]]
+
+
 def plan(everything: bool, archs) -> list[tuple]:
-    """(kernel, config, arch, dtype, dim, addressing) builds: all of them, or a sample in which
-    every config appears once per arch with a dtype / D / addressing that rotates."""
+    """(kernel, config, arch, dtype, dim, addressing) builds, each config with the dtypes it
+    serves (configs.py): all of them (``everything``), or a sample in which every config
+    appears once per arch, the dtype / D class / addressing mode rotating."""
     from fastfuse.kernels.triton.configs import config_tables
 
     builds = []
-    tables = config_tables()
-    if everything:
-        for kernel, table in tables.items():
-            for index, arch, dtype, dim, addressing in itertools.product(
-                    range(len(table)), archs, DTYPES, (768, 1000), (0, 2)):
-                builds.append((kernel, index, arch, dtype, dim, addressing))
-        return builds
-    rotation = list(itertools.product(("bfloat16", "float32", "float64", "float16"), (768, 1000), (2, 0)))
+    shapes = list(itertools.product((768, 1000), (2, 0)))
     step = 0
-    for kernel, table in tables.items():
-        for index in range(len(table)):
+    for kernel, table in config_tables().items():
+        for index, row in enumerate(table):
+            dtypes = _dtypes(row[6])
+            if everything:
+                builds += [(kernel, index, arch, dtype, dim, mode)
+                           for arch, dtype, (dim, mode) in itertools.product(archs, dtypes, shapes)]
+                continue
             for arch in archs:
-                dtype, dim, addressing = rotation[step % len(rotation)]
-                step += 3
-                builds.append((kernel, index, arch, dtype, dim, addressing))
+                dim, mode = shapes[step % len(shapes)]
+                builds.append((kernel, index, arch, dtypes[step % len(dtypes)], dim, mode))
+                step += 1
     return builds
 
 

@@ -200,18 +200,43 @@ def plan(shapes, strides, element_size: int, tokens: str, num_prefix_tokens: int
     return LaunchPlan(addressing, num_tokens, row_align, grad_align, layout, bucket)
 
 
-def _programs(batch: int, device: torch.device, per_sm: int | None) -> int:
+def persistent_programs(batch: int, multiprocessors: int, l2_bytes: int, per_sm: int,
+                        sample_bytes: int) -> int:
+    """Programs of a persistent grid: ``per_sm`` per SM, fewer when each program's per-sample
+    working set (``sample_bytes``: its scratch slot, its dw partial, ...) would not fit its share
+    of L2 -- its re-reads would then come from DRAM (fastfuse/bench/traffic.py) -- but never
+    fewer than one per SM; never more than the batch."""
+    programs = per_sm * multiprocessors
+    if sample_bytes > 0:
+        programs = min(programs, max(multiprocessors, l2_bytes // (2 * sample_bytes)))
+    return max(1, min(batch, programs))
+
+
+def _programs(batch: int, device: torch.device, per_sm: int | None, sample_bytes: int = 0) -> int:
     """Grid size: one program per sample (per_sm None), else a persistent grid."""
     if _interpreting():
         return min(batch, 2)  # exercises the per-program sample loop; the interpreter is serial
     if per_sm is None:
         return batch
-    return min(batch, per_sm * _multiprocessors(device))
+    multiprocessors, l2_bytes = _device_caches(device)
+    return persistent_programs(batch, multiprocessors, l2_bytes, per_sm, sample_bytes)
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _device_caches(device) -> tuple[int, int]:
+    properties = torch.cuda.get_device_properties(device)
+    return properties.multi_processor_count, int(getattr(properties, "L2_cache_size", 40 * 2**20))
+
+
+def forward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int, acc_size: int) -> int:
+    """A forward program's per-sample working set: the scratch slot (GATHERED) and the pooled
+    rows it accumulates into."""
+    return (num_tokens * dim * acc_size if addressing == GATHERED else 0) + heads * dim * acc_size
+
+
+def backward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int, acc_size: int) -> int:
+    """A backward program's: the two scratch slots (GATHERED), g and its dw partial."""
+    return (2 * num_tokens * dim * acc_size if addressing == GATHERED else 0) + 2 * heads * dim * acc_size
 
 
 def _launch_plan(layers, tokens, num_prefix_tokens):
@@ -244,7 +269,8 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     launch, token_table, _ = _launch_plan(layers, tokens, num_prefix_tokens)
     addressing = launch.addressing
     # Only the gathered form has per-program scratch; the others take one program per sample.
-    programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None)
+    programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None,
+                         forward_sample_bytes(addressing, num_tokens, dim, heads, pooled.element_size()))
     scratch = first.new_empty((programs, num_tokens, dim) if addressing == GATHERED else (1,), dtype=acc)
     softmax_state = first.new_empty((programs, 2, heads), dtype=acc)  # running max and sum
     kernel = _kernels()[0]
@@ -275,7 +301,8 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     weight = score_weight.to(acc).contiguous()
     launch, token_table, layer_table = _launch_plan(layers, tokens, num_prefix_tokens)
     addressing = launch.addressing
-    programs = _programs(batch, first.device, BACKWARD_PROGRAMS_PER_SM)
+    programs = _programs(batch, first.device, BACKWARD_PROGRAMS_PER_SM,
+                         backward_sample_bytes(addressing, num_tokens, dim, heads, weight.element_size()))
     options = dict(dtype=acc, device=first.device)
     grad_weight = torch.zeros((programs, heads, dim), **options)
     token_scratch = torch.empty((programs, 2, num_tokens, dim) if addressing == GATHERED else (1,), **options)

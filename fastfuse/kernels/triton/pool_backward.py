@@ -26,7 +26,7 @@ floor: tokens + g read, gradient written once).
 import triton
 import triton.language as tl
 
-from .configs import AUTOTUNE_KEY, BACKWARD_SWITCHES, backward_configs, prune
+from .configs import AUTOTUNE_KEY, BACKWARD_SWITCHES, backward_configs, pruner
 from .tokens import (GATHERED, LAYER_AP_TOKEN, LAYER_CLS_TOKEN, LAYER_COLUMNS, LAYER_LENGTH,
                      gather_sample, grad_row_pointers, load_token_tile)
 
@@ -65,7 +65,7 @@ def scatter_sample(grads, layer_table_ptr, dx_slot, b64, num_prefix_tokens, dim,
 
 
 @triton.autotune(configs=backward_configs(), key=AUTOTUNE_KEY + BACKWARD_SWITCHES,
-                 prune_configs_by={"early_config_prune": prune}, reset_to_zero=["grad_weight_ptr"])
+                 prune_configs_by={"early_config_prune": pruner("backward")}, reset_to_zero=["grad_weight_ptr"])
 @triton.jit(do_not_specialize=["batch"])
 def pool_backward_kernel(
     layers, token_table_ptr, layer_table_ptr, weight_ptr,

@@ -28,12 +28,12 @@ once more at the end. Intended bound: DRAM bandwidth. 4 N D H FLOP per sample: t
 import triton
 import triton.language as tl
 
-from .configs import AUTOTUNE_KEY, FORWARD_SWITCHES, forward_configs, prune
+from .configs import AUTOTUNE_KEY, FORWARD_SWITCHES, forward_configs, pruner
 from .tokens import GATHERED, gather_sample, load_token_tile
 
 
 @triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY + FORWARD_SWITCHES,
-                 prune_configs_by={"early_config_prune": prune})
+                 prune_configs_by={"early_config_prune": pruner("forward")})
 @triton.jit(do_not_specialize=["batch"])
 def pool_forward_kernel(
     layers, token_table_ptr, weight_ptr, scratch_ptr, state_ptr,
