@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
                         help="sweep N, B and D instead of the table")
     parser.add_argument("--traffic", action="store_true",
                         help="print the Triton launches' modelled memory traffic (bench/traffic.py) and exit")
+    parser.add_argument("--gpu-shapes", action="store_true",
+                        help="add issue 15's GPU shapes (cases.GPU_CASES) to the table")
     parser.add_argument("--gpu-model", default="h100", choices=("h100", "a100"),
                         help="--traffic: the GPU whose SM count and L2 size the model uses")
     parser.add_argument("--plots", metavar="DIR",
@@ -93,6 +95,8 @@ def run(args) -> int:
         cases = [case for sweep in sweeps.values() for case in sweep]
     else:
         cases = list(case_lists.table_cases(args.quick))
+        if getattr(args, "gpu_shapes", False):
+            cases += list(case_lists.GPU_CASES)
         wanted = _subset("cases", args.cases, [case.name for case in cases])
         cases = [case for case in cases if wanted is None or case.name in wanted]
     if args.no_memory or scaling:
