@@ -40,7 +40,6 @@ HALF, FLOAT32, FLOAT64 = "half", "float32", "float64"
 _FORWARD = [
     (32, 128, 16, 8, 2, 128, (HALF, FLOAT32)),
     (32, 64, 16, 4, 2, 128, (HALF,)),
-    (16, 128, 16, 4, 3, 128, (FLOAT32,)),
     (64, 64, 16, 8, 2, 128, (HALF,)),
     (32, 256, 16, 8, 2, None, (HALF, FLOAT32)),
     (16, 32, 16, 4, 2, None, (FLOAT64,)),
@@ -49,9 +48,7 @@ _FORWARD = [
 _BACKWARD = [
     (16, 64, 16, 4, 3, None, (HALF, FLOAT32)),
     (32, 128, 16, 8, 2, None, (HALF,)),
-    (32, 64, 32, 8, 2, None, (HALF, FLOAT32)),
     (16, 32, 16, 4, 2, None, (FLOAT64,)),
-    (16, 64, 16, 8, 2, None, (FLOAT64,)),
 ]
 
 
