@@ -234,9 +234,12 @@ def forward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int,
     return (num_tokens * dim * acc_size if addressing == GATHERED else 0) + heads * dim * acc_size
 
 
-def backward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int, acc_size: int) -> int:
-    """A backward program's: the two scratch slots (GATHERED), g and its dw partial."""
-    return (2 * num_tokens * dim * acc_size if addressing == GATHERED else 0) + 2 * heads * dim * acc_size
+def backward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int, acc_size: int,
+                          token_size: int) -> int:
+    """A backward program's: the sample's tokens (pass 2 reads them again: GATHERED, from the
+    scratch slot, which holds their gradient too), g and the dw partial."""
+    tokens = 2 * num_tokens * dim * acc_size if addressing == GATHERED else num_tokens * dim * token_size
+    return tokens + 2 * heads * dim * acc_size
 
 
 def _launch_plan(layers, tokens, num_prefix_tokens):
@@ -302,7 +305,8 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     launch, token_table, layer_table = _launch_plan(layers, tokens, num_prefix_tokens)
     addressing = launch.addressing
     programs = _programs(batch, first.device, BACKWARD_PROGRAMS_PER_SM,
-                         backward_sample_bytes(addressing, num_tokens, dim, heads, weight.element_size()))
+                         backward_sample_bytes(addressing, num_tokens, dim, heads, weight.element_size(),
+                                               first.element_size()))
     options = dict(dtype=acc, device=first.device)
     grad_weight = torch.zeros((programs, heads, dim), **options)
     token_scratch = torch.empty((programs, 2, num_tokens, dim) if addressing == GATHERED else (1,), **options)

@@ -158,17 +158,19 @@ def forward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None) 
                          forward_sample_bytes(launch.addressing, N, D, H, a))
     resident = min(programs, FORWARD_PROGRAMS_PER_SM * gpu.multiprocessors)
     share = gpu.l2_bytes / resident
-    # Between two reads of a token tile (one per head block), or two updates of the pooled
-    # rows (one per N tile): the tile and a head block's weights and pooled rows, or the
-    # pooled rows of every head.
-    step = max(block_n * D * (a if gathered else e) + 2 * block_h * D * a, H * D * a)
-    rereads_hit = step <= share
+    # Between two reads of a token tile (one per head block): the tile, a head block's weights
+    # and pooled rows. Between two updates of the pooled rows (one per N tile): a tile step.
+    tile = block_n * D * (a if gathered else e)
+    tokens_hit = tile + 2 * block_h * D * a <= share
+    pooled_hit = tile + 2 * H * D * a <= share
     outputs = H * D * a + H * N * a + 2 * N * a
     dram_sample = rows * D * e + outputs
     if gathered:  # the slot is written, then read back after the sample's rows streamed by
         dram_sample += 2 * source
-    if not rereads_hit:
-        dram_sample += 2 * head_blocks * source + 2 * (tiles_n - 1) * H * D * a
+    if not tokens_hit:
+        dram_sample += 2 * head_blocks * source
+    if not pooled_hit:
+        dram_sample += 2 * (tiles_n - 1) * H * D * a
     minimum = B * (_rows_read(shape) * D * e + outputs) + H * D * a
     return Traffic("forward", tuple(config), {k: [B * r, B * w] for k, (r, w) in per_sample.items()},
                    B * dram_sample + H * D * a, minimum)
@@ -206,18 +208,23 @@ def backward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None,
         "layer gradients": [0, written_rows * D * e if layers_need_grad else 0],
     }
     programs = _programs(shape, gpu, BACKWARD_PROGRAMS_PER_SM,
-                         backward_sample_bytes(launch.addressing, N, D, H, a))
+                         backward_sample_bytes(launch.addressing, N, D, H, a, e))
     share = gpu.l2_bytes / min(programs, BACKWARD_PROGRAMS_PER_SM * gpu.multiprocessors)
-    # Between pass 1 and pass 2 of a sample: its tokens, g and the dw partial (all heads).
-    step = source + 2 * H * D * a
+    # Pass 1 -> pass 2 of a sample: its tokens and g (all heads) in between. Two N tiles of
+    # pass 2 (g, w and the dw partial re-read): a tile and the (H, D) rows of g, w, dw.
+    tile = block_n * D * (a if gathered else e)
+    sample_hit = source + 2 * H * D * a <= share
+    tile_hit = tile + 3 * H * D * a <= share
     small_inputs = H * D * a + (2 + gA) * H * N * a + 2 * N * a   # g, attention (+gA), mean, rstd
     dram_sample = rows * D * e + small_inputs
     if layers_need_grad:
         dram_sample += written_rows * D * e
     if gathered:
         dram_sample += 2 * source
-    if step > share:  # g, the dw partial and the tokens come back from DRAM on each re-read
-        dram_sample += (2 * tiles_n) * H * D * a + 2 * tiles_n * H * D * a + head_blocks * source
+    if not sample_hit:  # pass 2 reads the tokens and g again from DRAM
+        dram_sample += source + H * D * a
+    if not tile_hit:    # ... and g and the dw partial once per N tile
+        dram_sample += 3 * (tiles_n - 1) * H * D * a
     minimum = B * (_rows_read(shape) * D * e + small_inputs
                    + (written_rows * D * e if layers_need_grad else 0)) + 2 * H * D * a
     dram = B * dram_sample + H * D * a + 2 * programs * H * D * a  # + w once, dw partials out and in
