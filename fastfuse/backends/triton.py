@@ -255,6 +255,11 @@ def _launch_plan(layers, tokens, num_prefix_tokens):
     return launch, token_table, layer_table
 
 
+def _slot_row(dim: int) -> int:
+    """The scratch slots' row stride: D rounded up to 16 elements (kernels/triton/tokens.py)."""
+    return -(-dim // 16) * 16
+
+
 def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     layers, stride_d = _same_feature_stride(layers)
     first = layers[0]
@@ -274,7 +279,7 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     # Only the gathered form has per-program scratch; the others take one program per sample.
     programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None,
                          forward_sample_bytes(addressing, num_tokens, dim, heads, pooled.element_size()))
-    scratch = first.new_empty((programs, num_tokens, dim) if addressing == GATHERED else (1,), dtype=acc)
+    scratch = first.new_empty((programs, num_tokens, _slot_row(dim)) if addressing == GATHERED else (1,), dtype=acc)
     softmax_state = first.new_empty((programs, 2, heads), dtype=acc)  # running max and sum
     kernel = _kernels()[0]
     torch.library.wrap_triton(kernel)[(programs,)](
@@ -309,7 +314,8 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
                                                first.element_size()))
     options = dict(dtype=acc, device=first.device)
     grad_weight = torch.zeros((programs, heads, dim), **options)
-    token_scratch = torch.empty((programs, 2, num_tokens, dim) if addressing == GATHERED else (1,), **options)
+    token_scratch = torch.empty((programs, 2, num_tokens, _slot_row(dim)) if addressing == GATHERED else (1,),
+                                **options)
     head_scratch = torch.empty((programs, 2, heads, num_tokens), **options)
     row_scratch = torch.empty((programs, 2, num_tokens), **options)
     grad_pooled = grad_pooled.to(acc).contiguous()

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .configs import AUTOTUNE_KEY, BACKWARD_SWITCHES, backward_configs, pruner
 from .tokens import (GATHERED, LAYER_AP_TOKEN, LAYER_CLS_TOKEN, LAYER_COLUMNS, LAYER_LENGTH,
-                     gather_sample, grad_row_pointers, load_token_tile)
+                     gather_sample, grad_row_pointers, load_token_tile, slot_row)
 
 
 @triton.jit
@@ -48,9 +48,9 @@ def scatter_sample(grads, layer_table_ptr, dx_slot, b64, num_prefix_tokens, dim,
         for d0 in range(0, dim, BLOCK_D):
             d_offs = d0 + d_base
             d_mask = d_offs < dim
-            cls_grad = tl.load(dx_slot + tl.maximum(cls_token, 0) * dim + d_offs,
+            cls_grad = tl.load(dx_slot + tl.maximum(cls_token, 0) * slot_row(dim) + d_offs,
                                mask=d_mask & (cls_token >= 0), other=0.0)
-            ap_grad = tl.load(dx_slot + tl.maximum(ap_token, 0) * dim + d_offs,
+            ap_grad = tl.load(dx_slot + tl.maximum(ap_token, 0) * slot_row(dim) + d_offs,
                               mask=d_mask & (ap_token >= 0), other=0.0) * ap_scale
             for r0 in range(0, length, BLOCK_R):
                 r_offs = r0 + r_base
@@ -82,8 +82,8 @@ def pool_backward_kernel(
     h_base = tl.arange(0, BLOCK_H)
     # This program's scratch: gathered tokens and their gradient (N, D) each, da-then-ds and s
     # (H, N) each, the two per-token head sums (N) each, its dw partial (H, D).
-    x_slot = token_scratch_ptr + pid64 * 2 * num_tokens * dim
-    dx_slot = x_slot + num_tokens * dim
+    x_slot = token_scratch_ptr + pid64 * 2 * num_tokens * slot_row(dim)
+    dx_slot = x_slot + num_tokens * slot_row(dim)
     ds_slot = head_scratch_ptr + pid64 * 2 * heads * num_tokens
     score_slot = ds_slot + heads * num_tokens
     sum_slot = row_scratch_ptr + pid64 * 2 * num_tokens
@@ -201,7 +201,7 @@ def pool_backward_kernel(
                     grad_x = rstd[:, None] * (grad_normed - mean_grad[:, None] - normed * mean_dot[:, None])
                     nd_mask = n_mask[:, None] & d_mask[None, :]
                     if ADDRESSING == GATHERED:
-                        tl.store(dx_slot + n_offs[:, None] * dim + d_offs[None, :], grad_x, mask=nd_mask)
+                        tl.store(dx_slot + n_offs[:, None] * slot_row(dim) + d_offs[None, :], grad_x, mask=nd_mask)
                     else:
                         tl.store(grad_rows[:, None] + d_offs[None, :],
                                  grad_x.to(grads[0].dtype.element_ty), mask=nd_mask)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .configs import AUTOTUNE_KEY, FORWARD_SWITCHES, forward_configs, pruner
-from .tokens import GATHERED, gather_sample, load_token_tile
+from .tokens import GATHERED, gather_sample, load_token_tile, slot_row
 
 
 @triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY + FORWARD_SWITCHES,
@@ -46,7 +46,7 @@ def pool_forward_kernel(
     n_base = tl.arange(0, BLOCK_N)
     d_base = tl.arange(0, BLOCK_D)
     h_base = tl.arange(0, BLOCK_H)
-    slot_ptr = scratch_ptr + pid.to(tl.int64) * num_tokens * dim
+    slot_ptr = scratch_ptr + pid.to(tl.int64) * num_tokens * slot_row(dim)
     state_ptr = state_ptr + pid.to(tl.int64) * 2 * heads  # running max (H), then sum (H)
     for b in range(pid, batch, tl.num_programs(0)):
         b64 = tl.cast(b, tl.int64)

@@ -43,6 +43,14 @@ LAYER_AP_TOKEN = tl.constexpr(2)      # index n of the layer's "ap" token, or -1
 
 
 @triton.jit
+def slot_row(dim):
+    """Row stride of the scratch slots: D rounded up to 16 elements, so that every slot row
+    starts 16-byte aligned and Triton can prove it (vector loads and stores for any D, e.g.
+    1000). The launcher allocates the slots with the same stride (backends/triton.py _slot_row)."""
+    return (dim + 15) // 16 * 16
+
+
+@triton.jit
 def layer_pointers(bases, layer, rows):
     """``bases[layer] + rows`` for a tuple of layer pointers and a (tensor of) layer index:
     one select per layer, unrolled (the tuple's length is a compile-time constant)."""
@@ -99,7 +107,7 @@ def load_token_tile(layers, token_table_ptr, slot_ptr, b64, n_offs, d_offs,
     n_mask = n_offs < num_tokens
     mask = n_mask[:, None] & (d_offs < dim)[None, :]
     if ADDRESSING == GATHERED:
-        ptrs = slot_ptr + n_offs[:, None] * dim + d_offs[None, :]
+        ptrs = slot_ptr + n_offs[:, None] * slot_row(dim) + d_offs[None, :]
     else:
         rows = token_row_pointers(layers, token_table_ptr, b64, n_offs, n_mask, stride_b,
                                   stride_t, ADDRESSING, ROW_ALIGN)
@@ -137,4 +145,4 @@ def gather_sample(layers, token_table_ptr, slot_ptr, b64, num_tokens, dim,
                 tile = tl.load(base + rows[:, None] + d_offs[None, :] * stride_d,
                                mask=(r_offs < count)[:, None] & d_mask[None, :], other=0.0)
                 total += tl.sum(tile.to(ACC), axis=0)
-            tl.store(slot_ptr + n * dim + d_offs, total / count.to(ACC), mask=d_mask)
+            tl.store(slot_ptr + n * slot_row(dim) + d_offs, total / count.to(ACC), mask=d_mask)
