@@ -43,7 +43,6 @@ _FORWARD = [
     (64, 64, 16, 8, 2, 128, (HALF,)),
     (32, 256, 16, 8, 2, None, (HALF, FLOAT32)),
     (16, 32, 16, 4, 2, None, (FLOAT64,)),
-    (16, 64, 16, 8, 2, None, (FLOAT64,)),
 ]
 _BACKWARD = [
     (16, 64, 16, 4, 3, None, (HALF, FLOAT32)),
