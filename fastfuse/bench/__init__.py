@@ -28,6 +28,12 @@ def add_arguments(parser) -> None:
                         help="train and/or infer, comma-separated (default both; --scaling: train)")
     parser.add_argument("--scaling", action="store_true",
                         help="sweep N, B and D instead of the table")
+    parser.add_argument("--traffic", action="store_true",
+                        help="print the Triton launches' modelled memory traffic (bench/traffic.py) and exit")
+    parser.add_argument("--gpu-shapes", action="store_true",
+                        help="add issue 15's GPU shapes (cases.GPU_CASES) to the table")
+    parser.add_argument("--gpu-model", default="h100", choices=("h100", "a100"),
+                        help="--traffic: the GPU whose SM count and L2 size the model uses")
     parser.add_argument("--plots", metavar="DIR",
                         help="write the scaling plots (PNG) to DIR; implies --scaling")
 
@@ -63,6 +69,11 @@ def _reexec_with_allocator_env(args) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "traffic", False):
+        from .traffic import GPUS, print_report
+
+        print_report(GPUS[args.gpu_model])
+        return 0
     _reexec_with_allocator_env(args)
     import torch
 
@@ -93,6 +104,8 @@ def run(args) -> int:
         cases = [case for sweep in sweeps.values() for case in sweep]
     else:
         cases = list(case_lists.table_cases(args.quick))
+        if getattr(args, "gpu_shapes", False):
+            cases += list(case_lists.GPU_CASES)
         wanted = _subset("cases", args.cases, [case.name for case in cases])
         cases = [case for case in cases if wanted is None or case.name in wanted]
     if args.no_memory or scaling:

@@ -70,6 +70,14 @@ FULL_CASES = (
     Case("vitb-video-n1568", 16, 1568, 768, 12),              # video-like: V-JEPA's 16x224 clips, 8x14x14 tubelets
 )
 
+# The GPU shapes of issue 15 (bench --gpu-shapes; scripts/gpu_check.sh): (a) CLS+AP of 12 ViT-B
+# layers, (b) the same for 16 probes x 12 heads in lockstep, (c) all tokens of one layer.
+GPU_CASES = (
+    Case("gpu-a-gather-h12", 2048, 24, 768, 12, layers=12, layer_tokens=197, tokens_spec="cls+ap"),
+    Case("gpu-b-gather-h192", 2048, 24, 768, 192, layers=12, layer_tokens=197, tokens_spec="cls+ap"),
+    Case("gpu-c-all-n197", 256, 197, 768, 12),
+)
+
 # --quick: the same cases at these batches (about 1/4 to 1/8 of the full ones).
 QUICK_BATCH = {"vits-cls+ap-n24": 256, "vitb-cls+ap-n24": 256, "vitl-cls+ap-n48": 64,
                "vitb-all-n197": 32, "vitb-all-layers-n2364": 4, "vitb-gather-cls+ap": 32,

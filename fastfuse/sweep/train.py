@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import storage
-from . import families
+from . import families, graphs
 from .data import Split, SweepData, balanced_accuracy, batch_indices, steps_per_epoch
 from .grid import ProbeConfig
 from .optim import StackedAdamW, cosine_with_warmup
@@ -186,7 +186,7 @@ def run_epochs(train: Split, settings: TrainSettings, *, begin_epoch: Callable, 
     Epochs ``start_epoch .. settings.epochs - 1``; each epoch's minibatches come from
     (``data_seed``, epoch) and each optimizer step's lr factor from the cosine schedule with
     warmup. ``train_step(tokens, labels, factor)`` trains on one minibatch and returns the
-    per-probe losses (P,) in float64 on the CPU; ``begin_epoch()`` puts the models in training
+    per-probe losses (P,) in float64 (on the device: summing them never waits for the step); ``begin_epoch()`` puts the models in training
     mode, ``end_epoch(epoch, mean_losses)`` evaluates.
     """
     steps = steps_per_epoch(len(train), settings.batch_size)
@@ -204,7 +204,7 @@ def run_epochs(train: Split, settings: TrainSettings, *, begin_epoch: Callable, 
             step += 1
             if bar is not None:
                 bar.update(1)
-        end_epoch(epoch, loss_sum / len(batches))
+        end_epoch(epoch, (loss_sum / len(batches)).cpu())
 
 
 class BestEpochs:
@@ -271,6 +271,9 @@ def train_group(data: SweepData, configs: Sequence[ProbeConfig], settings: Train
     num_probes = len(configs)
     models = build_models(data, configs, settings)
     units = _units(models, configs, settings)
+    # The attentive chunks' forward + backward replayed as CUDA graphs on GPU (sweep/graphs.py).
+    forwards = [graphs.wrap(unit.model, settings.device) if unit.name == ATTENTIVE else unit.model
+                for unit in units]
     class_weight = data.class_weights().to(settings.device)
     train = data.splits["train"]
     history = {name: {"val_acc": [], "test_acc_per_epoch": [], "train_loss": []} for name in models}
@@ -295,17 +298,19 @@ def train_group(data: SweepData, configs: Sequence[ProbeConfig], settings: Train
             model.train()
 
     def train_step(tokens, labels, factor):
-        losses = {name: torch.zeros(num_probes, dtype=torch.float64) for name in models}
+        # On the device: adding a step's losses must not wait for the step (no host sync).
+        losses = {name: torch.zeros(num_probes, dtype=torch.float64, device=settings.device)
+                  for name in models}
         # Each unit's forward, backward and update run back to back while its weights are
         # still in cache; probes share no parameter, so the order changes nothing.
-        for unit in units:
+        for unit, forward in zip(units, forwards):
             unit.optimizer.set_lr_factor(factor)
             unit.optimizer.zero_grad()
             inputs = tokens if unit.name == ATTENTIVE else baseline_inputs(unit.name, tokens, data)
-            per_probe = weighted_cross_entropy(unit.model(inputs), labels, class_weight)
+            per_probe = weighted_cross_entropy(forward(inputs), labels, class_weight)
             per_probe.sum().backward()
             unit.optimizer.step()
-            losses[unit.name][unit.probes] += per_probe.detach().to("cpu", torch.float64)
+            losses[unit.name][unit.probes] += per_probe.detach().to(torch.float64)
         return torch.stack([losses[name] for name in models])
 
     def end_epoch(epoch, mean_losses):
