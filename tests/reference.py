@@ -37,3 +37,22 @@ def randomize_(module, std=0.3, seed=0):
                 noise = 1.0 + noise.abs() if name.endswith("running_var") else 1.0 + noise
             value.copy_(noise.to(value.dtype))
     return module
+
+
+def pool_reference(tokens, score_weight, eps=1e-5, normalize="layernorm"):
+    """SPEC §2/§5 pooled and attention from the definition, in float64: LayerNorm without
+    affine (normalize="layernorm") or the raw tokens ("none"), softmax of w_h . xh_n."""
+    tokens = tokens.double()
+    if normalize == "layernorm":
+        normed = torch.nn.functional.layer_norm(tokens, tokens.shape[-1:], eps=eps)
+    else:
+        normed = tokens
+    attention = torch.softmax(torch.einsum("bnd,hd->bhn", normed, score_weight.double()), dim=-1)
+    return torch.einsum("bhn,bnd->bhd", attention, normed), attention
+
+
+def moments_reference(tokens):
+    """Per-channel mean and biased variance of a (B, N, D) token stack over all B*N tokens,
+    in float64, with plain torch.mean / torch.var (the statistics BatchNorm1d uses in training)."""
+    flat = tokens.double().reshape(-1, tokens.shape[-1])
+    return torch.mean(flat, dim=0), torch.var(flat, dim=0, unbiased=False)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from . import pytorch as torch_backend
+from .compiled_ops import NORMALIZATIONS
 
 ENV_VAR = "FASTFUSE_BACKEND"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -29,10 +30,19 @@ class Backend:
     forward: Callable
     backward: Callable
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    # The token normalisations its forward/backward take (attentive_pool's normalize=), and its
+    # token_moments reduction (layers, tokens, num_prefix_tokens) -> (mean, var), if any.
+    normalizations: tuple[str, ...] = NORMALIZATIONS
+    moments: Optional[Callable] = None
 
-    def not_supported_reasons(self, layers, score_weight) -> list[str]:
+    def not_supported_reasons(self, layers, score_weight, *, normalize: str = "layernorm",
+                              op: str = "attentive_pool") -> list[str]:
         available, reason = _availability_of(self.name)
         reasons = [] if available else [reason]
+        if op == "token_moments" and self.moments is None:
+            reasons.append("token_moments is not supported yet by this backend")
+        if op == "attentive_pool" and normalize not in self.normalizations:
+            reasons.append(f"normalize={normalize!r} is not supported yet by this backend")
         device = layers[0].device
         if device.type not in self.device_types:
             reasons.append(f"serves {'/'.join(self.device_types)} tensors, got a {device.type} tensor")
@@ -65,7 +75,7 @@ def _always() -> tuple[bool, str]:
 
 
 register(Backend("torch", ("cpu", "cuda", "meta", "mps", "xpu"), _always,
-                 torch_backend.forward, torch_backend.backward))
+                 torch_backend.forward, torch_backend.backward, moments=torch_backend.moments))
 
 from . import cpu as _cpu  # noqa: E402  (registers itself; needs the table above)
 
@@ -113,12 +123,13 @@ def requested_name(backend: str | None) -> str:
 _warned: set[str] = set()
 
 
-def resolve(backend: str | None, layers, score_weight) -> str:
-    """The concrete backend that will run this input."""
+def resolve(backend: str | None, layers, score_weight, **options) -> str:
+    """The concrete backend that will run this input (``options``: normalize=, and
+    op="token_moments" for the moments reduction, where score_weight is None)."""
     name = requested_name(backend)
     if name != "auto":
         chosen = _BACKENDS[name]
-        reasons = chosen.not_supported_reasons(layers, score_weight)
+        reasons = chosen.not_supported_reasons(layers, score_weight, **options)
         if reasons:
             message = f"fastfuse backend {name!r} cannot run this input: " + "; ".join(reasons)
             # A dtype the backend does not take is a wrong argument type, not a failure to run.
@@ -130,7 +141,7 @@ def resolve(backend: str | None, layers, score_weight) -> str:
     for candidate in AUTO_ORDER.get(device_type, ("torch",)):
         if candidate not in _BACKENDS:
             continue
-        reasons = _BACKENDS[candidate].not_supported_reasons(layers, score_weight)
+        reasons = _BACKENDS[candidate].not_supported_reasons(layers, score_weight, **options)
         if not reasons:
             if skipped and candidate == "torch":
                 key = ";".join(skipped)

@@ -34,12 +34,16 @@ _lib.define(
 )
 
 
+# attentive_pool's normalize=: the per-token normalisation N(x_n) of SPEC §5.
+NORMALIZATIONS = ("layernorm", "none")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 layers accumulate in float64; every other floating dtype in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+def fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
     batch, dim = layers[0].shape[0], layers[0].shape[2]
     heads = score_weight.shape[0]
     num_tokens = num_gathered_tokens([layer.shape[1] for layer in layers], tokens)
@@ -54,10 +58,17 @@ def fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps):
 
 
 def fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-                  mean, rstd, tokens, num_prefix_tokens, layers_need_grad):
+                  mean, rstd, tokens, num_prefix_tokens, layers_need_grad, normalize="layernorm"):
     grad_layers = [torch.empty_like(layer, memory_format=torch.contiguous_format)
                    for layer in layers] if layers_need_grad else []
     return grad_layers, torch.empty_like(score_weight)
+
+
+def fake_moments(layers, tokens, num_prefix_tokens):
+    """token_moments: per-channel mean and biased variance (D,), in the compute dtype."""
+    dim = layers[0].shape[2]
+    acc = compute_dtype(layers[0].dtype)
+    return layers[0].new_empty((dim,), dtype=acc), layers[0].new_empty((dim,), dtype=acc)
 
 
 torch.library.register_fake("fastfuse::fused_pool_forward", fake_forward)

@@ -74,16 +74,19 @@ def kernel_limits(dim: int, heads: int, dtype: torch.dtype) -> tuple[int, int]:
 class CudaBackend(Backend):
     """Adds the kernels' own limits to the generic reasons (layer count, shared memory)."""
 
-    def not_supported_reasons(self, layers, score_weight) -> list[str]:
-        reasons = super().not_supported_reasons(layers, score_weight)
+    def not_supported_reasons(self, layers, score_weight, **options) -> list[str]:
+        reasons = super().not_supported_reasons(layers, score_weight, **options)
         if reasons:
             return reasons
-        dim, heads = layers[0].shape[-1], score_weight.shape[0]
+        # token_moments passes no score_weight: no heads, no pool tiles, only the layer limit.
+        dim, heads = layers[0].shape[-1], 1 if score_weight is None else score_weight.shape[0]
         if dim >= 2**25 or heads > 2**20:
             return [f"reads D < 2^25 and H <= 2^20, got D={dim}, H={heads}"]
         needed, max_layers = kernel_limits(dim, heads, layers[0].dtype)
         if len(layers) > max_layers:
             reasons.append(f"reads at most {max_layers} layers per call, got {len(layers)}")
+        if score_weight is None:
+            return reasons
         allowed = _shared_memory_per_block(layers[0].device)
         if needed > allowed:
             reasons.append(f"D={dim}, H={heads} need {needed} bytes of shared memory per block, "
@@ -95,4 +98,5 @@ class CudaBackend(Backend):
 
 BACKEND = CudaBackend("cuda", ("cuda",), _availability, compiled.forward,
                       compiled.backward,
-                      dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                      normalizations=("layernorm",))
