@@ -11,12 +11,12 @@ its digits when |mean| >> std.
 import triton
 import triton.language as tl
 
-from .tokens import GATHERED, gather_sample, load_token_tile
+from .tokens import GATHERED, gather_sample, load_token_tile, slot_row
 
 
 @triton.jit
 def token_moments_kernel(
-    layers_ptr, token_table_ptr, layer_table_ptr, scratch_ptr, partials_ptr,
+    layers, token_table_ptr, scratch_ptr, partials_ptr,
     batch, num_tokens, dim, stride_b, stride_t, stride_d,
     ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -24,14 +24,14 @@ def token_moments_kernel(
     pid = tl.program_id(0)
     n_base = tl.arange(0, BLOCK_N)
     d_base = tl.arange(0, BLOCK_D)
-    slot_ptr = scratch_ptr + pid.to(tl.int64) * num_tokens * dim
+    slot_ptr = scratch_ptr + pid.to(tl.int64) * num_tokens * slot_row(dim)
     mean_row = partials_ptr + pid.to(tl.int64) * 2 * dim
     m2_row = mean_row + dim
     seen = tl.zeros((), ACC)  # tokens merged so far by this program
     for b in range(pid, batch, tl.num_programs(0)):
         b64 = tl.cast(b, tl.int64)
         if ADDRESSING == GATHERED:
-            gather_sample(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64, num_tokens,
+            gather_sample(layers, token_table_ptr, slot_ptr, b64, num_tokens,
                           dim, stride_d, ROW_ALIGN, ACC, BLOCK_N, BLOCK_D)
             tl.debug_barrier()
         for n0 in range(0, num_tokens, BLOCK_N):
@@ -41,7 +41,7 @@ def token_moments_kernel(
             for d0 in range(0, dim, BLOCK_D):
                 d_offs = d0 + d_base
                 d_mask = d_offs < dim
-                x = load_token_tile(layers_ptr, token_table_ptr, layer_table_ptr, slot_ptr, b64,
+                x = load_token_tile(layers, token_table_ptr, slot_ptr, b64,
                                     n_offs, d_offs, num_tokens, dim, stride_b, stride_t,
                                     stride_d, ADDRESSING, ROW_ALIGN, ACC)
                 tile_mean = tl.sum(x, axis=0) / width
