@@ -20,9 +20,11 @@
 #include "common/fused_pool_math.h"
 #include "cpu/blocked_kernels.h"
 #include "cpu/cpu_support.h"
+#include "cpu/variant.h"
 
 namespace fastfuse {
 namespace cpu {
+inline namespace FASTFUSE_CPU_VARIANT {  // csrc/cpu/variant.h
 namespace {
 
 namespace fm = fastfuse::math;
@@ -140,9 +142,11 @@ std::tuple<at::Tensor, at::Tensor> fused_token_moments_cpu(at::TensorList layers
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
-  m.impl("fused_token_moments", &fused_token_moments_cpu);
+// Registered by csrc/library/cpu_dispatch.cpp, which picks the variant this CPU runs.
+c10::KernelFunction moments_kernel() {
+  return c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(fused_token_moments_cpu));
 }
 
+}  // namespace FASTFUSE_CPU_VARIANT
 }  // namespace cpu
 }  // namespace fastfuse

@@ -20,6 +20,7 @@ inline namespace FASTFUSE_CPU_VARIANT {
 // (which keeps the dispatcher independent of the ops' signatures).
 c10::KernelFunction forward_kernel();
 c10::KernelFunction backward_kernel();
+c10::KernelFunction moments_kernel();  // fastfuse::fused_token_moments
 
 }  // namespace FASTFUSE_CPU_VARIANT
 }  // namespace cpu

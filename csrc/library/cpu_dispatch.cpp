@@ -1,4 +1,5 @@
-// Registers the CPU kernels of fastfuse::fused_pool_forward / fused_pool_backward and picks, once
+// Registers the CPU kernels of fastfuse::fused_pool_forward / fused_pool_backward /
+// fused_token_moments and picks, once
 // per process, which instruction-set variant of them runs (as ATen does for its own kernels): the
 // best one that was built and that this CPU supports, or the one FASTFUSE_CPU_ISA names.
 // Compiled without -march flags: this file runs before anything is known about the CPU.
@@ -16,6 +17,7 @@
   namespace fastfuse::cpu::name {             \
   c10::KernelFunction forward_kernel();       \
   c10::KernelFunction backward_kernel();      \
+  c10::KernelFunction moments_kernel();       \
   }
 FASTFUSE_FOR_EACH_CPU_VARIANT(FASTFUSE_DECLARE_VARIANT)
 #undef FASTFUSE_DECLARE_VARIANT
@@ -47,14 +49,15 @@ bool cpu_supports(const std::string& variant) {
 
 struct Variant {
   std::string name;
-  c10::KernelFunction forward, backward;
+  c10::KernelFunction forward, backward, moments;
 };
 
 // Built variants, from the most portable to the fastest.
 const std::vector<Variant>& built_variants() {
   static const std::vector<Variant> variants = {
 #define FASTFUSE_VARIANT_ENTRY(name) \
-  {#name, fastfuse::cpu::name::forward_kernel(), fastfuse::cpu::name::backward_kernel()},
+  {#name, fastfuse::cpu::name::forward_kernel(), fastfuse::cpu::name::backward_kernel(), \
+   fastfuse::cpu::name::moments_kernel()},
       FASTFUSE_FOR_EACH_CPU_VARIANT(FASTFUSE_VARIANT_ENTRY)
 #undef FASTFUSE_VARIANT_ENTRY
   };
@@ -99,6 +102,9 @@ void forward_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torc
 void backward_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   selected_variant().backward.callBoxed(op, keys, stack);
 }
+void moments_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  selected_variant().moments.callBoxed(op, keys, stack);
+}
 
 std::string cpu_kernel_variant() { return selected_variant().name; }
 
@@ -107,6 +113,7 @@ std::string cpu_kernel_variant() { return selected_variant().name; }
 TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
   m.impl("fused_pool_forward", torch::CppFunction::makeFromBoxedFunction<&forward_boxed>());
   m.impl("fused_pool_backward", torch::CppFunction::makeFromBoxedFunction<&backward_boxed>());
+  m.impl("fused_token_moments", torch::CppFunction::makeFromBoxedFunction<&moments_boxed>());
 }
 
 // A query, not a tensor op: declared here because it describes this library and exists exactly
