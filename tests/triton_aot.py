@@ -103,7 +103,10 @@ def build(kernel_name: str, index: int, arch: str, dtype: str, dim: int, address
     constants = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h, TOKEN_DTYPE=dtype,
                      ADDRESSING=addressing, ROW_ALIGN=vector if dim % vector == 0 else 1,
                      ACC=tl.float64 if dtype == "float64" else tl.float32,
-                     DOT_PRECISION="tf32" if half else "ieee", stride_d=1)
+                     DOT_PRECISION="tf32" if half else "ieee", stride_d=1,
+                     LAYERNORM=True)  # normalize="layernorm": the heavier form
+    if kernel_name == "forward":
+        constants.update(SMALLEST_NORMAL=2.0 ** (-1022 if dtype == "float64" else -126))
     if kernel_name == "backward":
         constants.update(HAS_GRAD_ATTENTION=True, NEED_DX=True,
                          GRAD_ALIGN=vector if dim % vector == 0 else 1)

@@ -5,9 +5,9 @@ Grid: persistent, ``programs`` <= B; a program loops over samples b = pid, pid +
 (one program per sample in the AFFINE/TABLE forms). Per sample, one sweep over N tiles; per
 tile, everything every head needs from it while it is hot:
 
-  statistics  over D tiles: the tile's LayerNorm mean / rstd (Chan's merge of per-D-tile moments,
-              in units of a per-token power of two that keeps squares finite for any magnitude;
-              none with LAYERNORM false: normalize="none", mean 0 and rstd 1)
+  statistics  over D tiles: max |x|, then the tile's LayerNorm mean / rstd (Chan's merge of
+              per-D-tile moments, in units of a per-token power of two that keeps squares
+              finite for any magnitude; none with LAYERNORM false: normalize="none")
   per block of BLOCK_H heads:
     scores    s = rstd (x . w - mean sum(w)), stored raw in ``attention``; the heads' running
               max m and sum l (online softmax) in the program's state slot (2, H)
@@ -62,24 +62,25 @@ def pool_forward_kernel(
             n_offs = n0 + n_base
             n_mask = n_offs < num_tokens
             # Statistics of this tile's tokens, in units of a per-token power of two (issue 12
-            # item 7: squares of huge tokens stay finite): the running one grows with the
-            # largest |x| seen, and mean / M2 are rescaled (exactly) when it grows.
+            # item 7: squares of huge tokens stay finite), found by a first sweep for max |x|
+            # (tile re-reads hit L1 / L2; one sweep with a growing scale spilled registers).
             mean = tl.zeros((BLOCK_N,), ACC)
             m2 = tl.zeros((BLOCK_N,), ACC)
-            scale = tl.full((BLOCK_N,), 1.0, ACC)
             if LAYERNORM:
+                peak = tl.zeros((BLOCK_N,), ACC)
+                for d0 in range(0, dim, BLOCK_D):
+                    x = load_token_tile(layers, token_table_ptr, slot_ptr, b64,
+                                        n_offs, d0 + d_base, num_tokens, dim, stride_b, stride_t,
+                                        stride_d, ADDRESSING, ROW_ALIGN, ACC)
+                    peak = tl.maximum(peak, tl.max(tl.abs(x), axis=1))
+                scale = token_scale(peak, ACC)
+                inverse = 1.0 / scale  # a power of two: multiplying by it is exact
                 for d0 in range(0, dim, BLOCK_D):
                     d_offs = d0 + d_base
                     d_mask = d_offs < dim
                     x = load_token_tile(layers, token_table_ptr, slot_ptr, b64,
                                         n_offs, d_offs, num_tokens, dim, stride_b, stride_t,
-                                        stride_d, ADDRESSING, ROW_ALIGN, ACC)
-                    new_scale = tl.maximum(scale, token_scale(tl.max(tl.abs(x), axis=1), ACC))
-                    ratio = scale / new_scale
-                    mean = mean * ratio
-                    m2 = m2 * (ratio * ratio)
-                    scale = new_scale
-                    x = x / scale[:, None]
+                                        stride_d, ADDRESSING, ROW_ALIGN, ACC) * inverse[:, None]
                     # Chan et al.: merge this tile's mean / M2 into the running ones (stable for
                     # large |mean| / std, unlike E[x^2] - E[x]^2). Earlier tiles are full.
                     width = tl.cast(tl.minimum(dim - d0, BLOCK_D), ACC)
@@ -93,13 +94,14 @@ def pool_forward_kernel(
                 # a constant huge token's rstd finite (csrc/common/fused_pool_math.h).
                 variance = m2 / dim + eps / scale / scale
                 variance = tl.where((scale > 1.0) & (variance < SMALLEST_NORMAL), SMALLEST_NORMAL, variance)
-                rstd = tl.rsqrt(variance)  # of the scaled token
+                # Back to the token's units (exact), so the head loops below are unchanged: the
+                # squares overflowed first; x . w stays finite while |x| |w| D does.
+                rstd = tl.rsqrt(variance) * inverse
+                mean = mean * scale
             else:  # normalize="none": xh = x, saved as mean 0 and rstd 1
                 rstd = tl.full((BLOCK_N,), 1.0, ACC)
-            token_mean = mean * scale
-            token_rstd = rstd / scale
-            tl.store(mean_ptr + b64 * num_tokens + n_offs, token_mean, mask=n_mask)
-            tl.store(rstd_ptr + b64 * num_tokens + n_offs, token_rstd, mask=n_mask)
+            tl.store(mean_ptr + b64 * num_tokens + n_offs, mean, mask=n_mask)
+            tl.store(rstd_ptr + b64 * num_tokens + n_offs, rstd, mask=n_mask)
             for h0 in range(0, heads, BLOCK_H):
                 h_offs = h0 + h_base
                 h_mask = h_offs < heads
@@ -113,8 +115,6 @@ def pool_forward_kernel(
                                         stride_d, ADDRESSING, ROW_ALIGN, ACC)
                     w = tl.load(weight_ptr + h_offs[None, :] * dim + d_offs[:, None],
                                 mask=h_mask[None, :] & d_mask[:, None], other=0.0)
-                    if LAYERNORM:
-                        x = x / scale[:, None]  # exact: the dots of the scaled token
                     dots = tl.dot(x, w, dots, input_precision=DOT_PRECISION)
                     weight_sum += tl.sum(w, axis=0)
                 # w . xh = rstd (w . x - mean sum(w)): the centring folds into one correction.
@@ -137,7 +137,7 @@ def pool_forward_kernel(
                     x = load_token_tile(layers, token_table_ptr, slot_ptr, b64,
                                         n_offs, d_offs, num_tokens, dim, stride_b, stride_t,
                                         stride_d, ADDRESSING, ROW_ALIGN, ACC)
-                    normed = (x - token_mean[:, None]) * token_rstd[:, None]
+                    normed = (x - mean[:, None]) * rstd[:, None]
                     pooled_ptrs = pooled_rows + h_offs[:, None] * dim + d_offs[None, :]
                     pooled = tl.load(pooled_ptrs, mask=hd_mask & later_tile, other=0.0)
                     pooled = tl.dot(weights_t, normed, pooled * rescale[:, None], input_precision=DOT_PRECISION)
