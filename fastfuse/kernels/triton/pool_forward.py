@@ -94,8 +94,8 @@ def pool_forward_kernel(
                 # a constant huge token's rstd finite (csrc/common/fused_pool_math.h).
                 variance = m2 / dim + eps / scale / scale
                 variance = tl.where((scale > 1.0) & (variance < SMALLEST_NORMAL), SMALLEST_NORMAL, variance)
-                # Back to the token's units (exact), so the head loops below are unchanged: the
-                # squares overflowed first; x . w stays finite while |x| |w| D does.
+                # Back to the token's units (exact), so the head loops below are unchanged:
+                # the squares overflowed first (x . w stays finite while |x| |w| D does).
                 rstd = tl.rsqrt(variance) * inverse
                 mean = mean * scale
             else:  # normalize="none": xh = x, saved as mean 0 and rstd 1
