@@ -14,6 +14,7 @@ loads a local checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import sys
 from pathlib import Path
@@ -246,6 +247,7 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         _say(f"--out {out} exists and is not a directory")
         return 2
+    created = not out.exists()  # the lock makes the folder; a run that writes nothing leaves none behind
     try:
         lock = storage.FolderLock(out, purpose="fastfuse extract").acquire()
     except storage.FolderLockedError as error:
@@ -255,7 +257,13 @@ def run(args) -> int:
         storage.remove_temporaries(out)  # what a killed run left behind
         return _run_locked(args, out)
     finally:
-        lock.release()
+        if created and not storage.folder_entries(out):
+            lock.path.unlink(missing_ok=True)
+            lock.release()
+            with contextlib.suppress(OSError):  # another run may have started writing into it meanwhile
+                out.rmdir()
+        else:
+            lock.release()
 
 
 def _run_locked(args, out: Path) -> int:

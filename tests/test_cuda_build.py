@@ -28,7 +28,10 @@ EXPECTED_KERNELS = {
     f"{kernel}<{types}>"
     for kernel in ("fused_pool_forward_kernel", "fused_pool_backward_kernel")
     for types in ("float, float", "double, double", "c10::Half, float", "c10::BFloat16, float")
-} | {"weight_grad_reduce_kernel<float>", "weight_grad_reduce_kernel<double>"}
+} | {f"token_moments_kernel<{types}>" for types in ("float, float", "double, double", "c10::Half, float",
+                                                 "c10::BFloat16, float")
+} | {f"{kernel}<{accum}>" for kernel in ("weight_grad_reduce_kernel", "token_moments_reduce_kernel")
+     for accum in ("float", "double")}
 
 
 def _load_report_module():
@@ -136,9 +139,9 @@ def test_build_writes_no_tracked_file():
     """The build's outputs (library, metadata, resource report) are all ignored by git."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    names = [_extension.library_path(), ROOT / "fastfuse" / "_build_info.json", _extension.CUDA_RESOURCE_REPORT,
-             ROOT / "build"]
-    paths = [str(path.relative_to(ROOT)) for path in names if path is not None]
+    names = [_extension.library_path(), ROOT / "fastfuse" / "_build_info.json", _extension.CUDA_RESOURCE_REPORT]
+    # the trailing slash: git matches the "build/" rule against a folder even before the build made it
+    paths = [str(path.relative_to(ROOT)) for path in names if path is not None] + ["build/"]
     result = subprocess.run(["git", "check-ignore", *paths], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert sorted(result.stdout.split()) == sorted(paths), result.stdout + result.stderr
     tracked = subprocess.run(["git", "ls-files", "benchmarks", "tools"], capture_output=True, text=True,

@@ -143,11 +143,14 @@ def forward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None) 
     tiles_n, tiles_d, head_blocks = math.ceil(N / block_n), math.ceil(D / block_d), math.ceil(H / block_h)
     source = N * D * (a if gathered else e)          # one read of the sample's tokens
     rows = sum(_token_counts(shape)) if gathered else N
+    # Reads of a token tile: max |x| and the moments (LayerNorm statistics), then two per head
+    # block (scores, pooled sum); kernels/triton/pool_forward.py.
+    passes = 2 + 2 * head_blocks
     per_sample = {
-        "layers": [rows * D * e if gathered else (1 + 2 * head_blocks) * source, 0],
-        "token table": [8 * (5 * N if gathered else 3 * N * tiles_d * (1 + 2 * head_blocks))
+        "layers": [rows * D * e if gathered else passes * source, 0],
+        "token table": [8 * (5 * N if gathered else 3 * N * tiles_d * passes)
                         if launch.layout is not None else 0, 0],
-        "scratch": [(1 + 2 * head_blocks) * source if gathered else 0, source if gathered else 0],
+        "scratch": [passes * source if gathered else 0, source if gathered else 0],
         "weight": [tiles_n * H * D * a, 0],
         "pooled": [(tiles_n - 1) * H * D * a + H * D * a, tiles_n * H * D * a + H * D * a],
         "attention": [H * N * a, 2 * H * N * a],
@@ -168,7 +171,7 @@ def forward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None) 
     if gathered:  # the slot is written, then read back after the sample's rows streamed by
         dram_sample += 2 * source
     if not tokens_hit:
-        dram_sample += 2 * head_blocks * source
+        dram_sample += (passes - 1) * source
     if not pooled_hit:
         dram_sample += 2 * (tiles_n - 1) * H * D * a
     minimum = B * (_rows_read(shape) * D * e + outputs) + H * D * a
