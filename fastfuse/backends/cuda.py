@@ -14,7 +14,8 @@ import torch
 
 from .. import _extension
 from ..gather import num_gathered_tokens
-from . import Backend, compiled
+from . import compiled
+from .base import Backend
 
 # Mirrors csrc/cuda: layer descriptors travel as kernel arguments (kMaxLayers), tiles hold at
 # least 8 tokens (kTileQuantum), blocks have 256 threads (kThreads).
@@ -42,9 +43,8 @@ def _availability() -> tuple[bool, str]:
     return True, f"CUDA kernels (csrc/cuda) on {torch.cuda.get_device_name()} (sm_{major}{minor})"
 
 
-@torch.compiler.assume_constant_result
 def _shared_memory_per_block(device: torch.device) -> int:
-    """The opt-in shared memory of one block on `device` (a constant for torch.compile)."""
+    """The opt-in shared memory of one block on `device` (asked when the op runs, never traced)."""
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 

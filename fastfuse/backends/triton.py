@@ -1,9 +1,9 @@
 """The "triton" backend: the Triton kernels of fastfuse/kernels/triton behind the fused op.
 
-The launchers are custom ops, ``fastfuse::triton_pool_forward`` / ``triton_pool_backward``
-(the schemas of compiled_ops.py), made with ``torch.library.triton_op`` and launching through
-``wrap_triton`` so that torch.compile can trace them. They are registered on first use, and
-triton is imported then too: ``import fastfuse`` stays fast and works without triton.
+The launchers are plain functions (the contract of fastfuse/op_contract.py) in the backend
+table: the public op ``fastfuse::attentive_pool`` is opaque to torch.compile and calls them
+when it runs, so they need no op registration of their own and never see fake tensors.
+triton is imported on first use: ``import fastfuse`` stays fast and works without triton.
 
 On a machine without a GPU, TRITON_INTERPRET=1 runs the same kernels on CPU tensors (slowly);
 that is how CI checks them. float16, bfloat16 and float32 tokens accumulate in float32, float64
@@ -12,9 +12,6 @@ float64 reference tests run this backend too).
 
 Layers are read where they lie: one pointer (layers[0]) plus each layer's offset from it in
 elements, taken from the tensors' addresses, and each layer's strides (kernels/triton/tokens.py).
-Addresses are not known while tracing, so torch.compile traces the one-layer forms (a
-(B, N, D) tensor, or one layer with any token spec); several layers run eagerly (the public
-op ``fastfuse::attentive_pool`` is opaque to torch.compile, so it always does).
 """
 from __future__ import annotations
 
@@ -24,15 +21,9 @@ import os
 import torch
 
 from ..gather import num_gathered_tokens
-from . import Backend
-from .compiled_ops import compute_dtype
+from ..op_contract import compute_dtype
+from .base import Backend
 
-_FORWARD_SCHEMA = ("(Tensor[] layers, Tensor score_weight, str tokens, int num_prefix_tokens, "
-                   "float eps) -> (Tensor, Tensor, Tensor, Tensor)")
-_BACKWARD_SCHEMA = ("(Tensor grad_pooled, Tensor? grad_attention, Tensor[] layers, "
-                    "Tensor score_weight, Tensor pooled, Tensor attention, Tensor mean, "
-                    "Tensor rstd, str tokens, int num_prefix_tokens, bool layers_need_grad"
-                    ") -> (Tensor[], Tensor)")
 # Persistent grids, in programs per SM, each program looping over samples: about what fits on
 # an SM at once (configs.py: up to 4 register-capped forward programs, about 2 uncapped backward
 # ones), so that each program's scratch slot and dw partial is reused while it is hot in L2,
@@ -126,13 +117,7 @@ def _element_offsets(tensors) -> list[int]:
     """Each tensor's address minus the first one's, in elements (0 for a single tensor)."""
     if len(tensors) == 1:
         return [0]
-    try:
-        addresses = [tensor.data_ptr() for tensor in tensors]
-    except RuntimeError as error:  # fake / functional tensors while tracing
-        raise NotImplementedError(
-            "the triton backend reads several layers through their addresses, which do not "
-            "exist while tracing: call fastfuse.attentive_pool (opaque to torch.compile) or "
-            "pass one layer") from error
+    addresses = [tensor.data_ptr() for tensor in tensors]
     size = tensors[0].element_size()
     offsets = []
     for address in addresses:
@@ -155,12 +140,7 @@ def _row_alignment(layers, offsets, token_rows, stride_d) -> int:
     """Elements per 16 bytes when every row the kernels address starts 16-byte aligned, else 1
     (a hint for vector loads; the AFFINE form gets it from Triton's own argument analysis)."""
     vector = 16 // layers[0].element_size()
-    if stride_d != 1:
-        return 1
-    try:
-        if layers[0].data_ptr() % 16:
-            return 1
-    except RuntimeError:  # tracing: no address
+    if stride_d != 1 or layers[0].data_ptr() % 16:
         return 1
     values = list(offsets) + [value for row in token_rows for value in row[1:4]]
     return vector if all(value % vector == 0 for value in values) else 1
@@ -187,10 +167,7 @@ def _tables(layers, grads, tokens, num_prefix_tokens):
     token_rows, layer_rows = _plan(*layout)
     offsets = _element_offsets(layers)
     grad_offsets = _element_offsets(grads) if grads is not None else [0] * len(layers)
-    if len(layers) > 1:  # real tensors (addresses exist): reuse the device copy of the table
-        token_table = _token_table(layout, device)
-    else:  # possibly tracing: a constant built here
-        token_table = torch.tensor(token_rows, dtype=torch.int64, device=device)
+    token_table = _token_table(layout, device)
     layer_table = torch.tensor([(offset, grad_offset) + row for offset, grad_offset, row
                                 in zip(offsets, grad_offsets, layer_rows)], dtype=torch.int64, device=device)
     return addressing, token_table, layer_table, _row_alignment(layers, offsets, token_rows, layers[0].stride(2))
@@ -215,7 +192,7 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None)
     scratch = first.new_empty((programs, num_tokens, dim) if addressing == GATHERED else (1,), dtype=acc)
     kernel = _kernels()[0]
-    torch.library.wrap_triton(kernel)[(programs,)](
+    kernel[(programs,)](
         first, token_table, layer_table, score_weight, scratch, pooled, attention, mean, rstd,
         batch, num_tokens, dim, heads, first.stride(0), first.stride(1), stride_d, eps,
         ADDRESSING=addressing, ROW_ALIGN=row_align, **_dot_options(first.dtype))
@@ -248,7 +225,7 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     if grad_attention is not None:
         grad_attention = grad_attention.to(acc).contiguous()
     kernel = _kernels()[1]
-    torch.library.wrap_triton(kernel)[(programs,)](
+    kernel[(programs,)](
         first, token_table, layer_table, weight, grad_pooled,
         attention if grad_attention is None else grad_attention,
         attention, mean, rstd,
@@ -262,25 +239,15 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     return grads if layers_need_grad else [], grad_weight.sum(dim=0).to(score_weight.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def ops():
-    """The two triton ops, registered on first call: (forward, backward)."""
-    forward = torch.library.triton_op("fastfuse::triton_pool_forward", _forward,
-                                      mutates_args=(), schema=_FORWARD_SCHEMA)
-    backward = torch.library.triton_op("fastfuse::triton_pool_backward", _backward,
-                                       mutates_args=(), schema=_BACKWARD_SCHEMA)
-    return forward, backward
-
-
 def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
-    return ops()[0](list(layers), score_weight, tokens, num_prefix_tokens, eps)
+    return _forward(list(layers), score_weight, tokens, num_prefix_tokens, eps)
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
              tokens, num_prefix_tokens, layers_need_grad=True):
-    grad_layers, grad_weight = ops()[1](grad_pooled, grad_attention, list(layers), score_weight,
-                                        pooled, attention, mean, rstd, tokens, num_prefix_tokens,
-                                        layers_need_grad)
+    grad_layers, grad_weight = _backward(grad_pooled, grad_attention, list(layers), score_weight,
+                                         pooled, attention, mean, rstd, tokens, num_prefix_tokens,
+                                         layers_need_grad)
     return list(grad_layers), grad_weight
 
 
