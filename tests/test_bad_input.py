@@ -83,10 +83,8 @@ _KERNEL_ABUSE_SCRIPT = textwrap.dedent("""
     loaded, reason = _extension.load()
     assert loaded, reason
     ops = torch.ops.fastfuse
-    # The backward schema may or may not carry the trailing layers_need_grad flag.
-    extra = [True] if len(ops.fused_pool_backward.default._schema.arguments) == 11 else []
     def backward(*args):
-        return ops.fused_pool_backward(*args, *extra)
+        return ops.fused_pool_backward(*args, True)  # layers_need_grad
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, generator=g)
