@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import fastfuse
+from fastfuse import storage
 from fastfuse.features import save_features
 from fastfuse.sweep.data import load_sweep_data, steps_per_epoch
 from fastfuse.sweep.grid import configs_for
@@ -158,8 +159,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    storage.write_json(out, storage.without_nonfinite(report))
     print(f"wrote {out}")
     return 0
 

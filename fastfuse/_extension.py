@@ -86,8 +86,12 @@ def load() -> tuple[bool, str]:
         # Decided once per process (a loaded library cannot be unloaded). This lock-free path
         # is also what torch.compile traces when backend selection asks again.
         return _state
-    if os.environ.get(_DISABLE_VARIABLE) == "1":
+    switch = os.environ.get(_DISABLE_VARIABLE, "")
+    if switch == "1":
         return False, f"disabled by {_DISABLE_VARIABLE}=1"
+    if switch not in ("", "0"):  # never guess what another spelling meant
+        return False, (f"{_DISABLE_VARIABLE}={switch!r} is not understood: set it to 1 to disable the "
+                       "compiled kernels, or to 0 (or leave it unset) to load them")
     with _lock:
         if _state is None:
             try:

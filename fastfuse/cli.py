@@ -12,6 +12,7 @@ COMMANDS = {
     "info": ("fastfuse.info", "print the backends, the build and why any is unavailable"),
     "extract": ("fastfuse.extract", "extract multi-layer features of a timm ViT to a cache"),
     "sweep": ("fastfuse.sweep", "train a hyper-parameter grid of probes in lockstep"),
+    "study": ("fastfuse.study", "run probing studies: backbones x datasets x probe families, local or SLURM"),
     "bench": ("fastfuse.bench", "benchmark fastfuse against the paper's probe and peers"),
 }
 

@@ -7,12 +7,14 @@
 Writes the train, val and test splits of ``--data`` (see :mod:`fastfuse.features` for the
 files). ``--data digits`` is scikit-learn's bundled 8x8 digits (1797 images, no download);
 ``--data DIR`` an ImageFolder tree, either with train/val/test subfolders or one folder of class
-folders split by a fixed seed. These machines have no network: ``--pretrained`` uses weights only
-if they are already in the Hugging Face or torch hub cache and stops, saying so, if they are not.
+folders split by a fixed seed. ``--pretrained`` loads weights as timm does (downloaded into the
+Hugging Face / torch hub cache on first use, ``HF_HUB_OFFLINE=1`` honoured); ``--pretrained FILE``
+loads a local checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import storage
+from .argtypes import nonnegative_int, positive_int, seed_int
 from .features import FeatureWriter, complete_splits, extract_features, load_metadata
 from .gather import TOKEN_SPECS
 from .taps import LAYER_PRESETS, LayerTap
@@ -31,7 +35,9 @@ SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 SPLIT_SEED = 0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Facts that must agree before --resume may add splits to an existing cache.
-_RESUME_KEYS = ("model", "pretrained", "layers", "tokens", "num_prefix_tokens", "img_size", "data", "dtype")
+# init_seed and backbone_digest make a resumed random backbone the one that wrote the cache.
+_RESUME_KEYS = ("model", "pretrained", "layers", "tokens", "num_prefix_tokens", "img_size", "data", "dtype",
+                "init_seed", "backbone_digest")
 
 
 class WeightsNotFound(RuntimeError):
@@ -40,9 +46,10 @@ class WeightsNotFound(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="timm model name, e.g. vit_small_patch16_224")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load pretrained weights from the local cache (never downloads); "
-                             "without it the model is randomly initialised")
+    parser.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="load pretrained weights as timm does (from the hub cache, downloading them "
+                             "when missing; HF_HUB_OFFLINE=1 keeps to the cache), or from a local "
+                             "CHECKPOINT file; without it the model is randomly initialised")
     parser.add_argument("--data", required=True,
                         help="'digits' (scikit-learn's 8x8 digits) or an ImageFolder directory")
     parser.add_argument("--layers", default="paper",
@@ -51,10 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", default="cls+ap", choices=TOKEN_SPECS, help="token spec (default: cls+ap)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (default: float32)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="input resolution; default the model's own (ViT position embeddings are resampled)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0,
+                        help="DataLoader worker processes (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="initialisation seed of a randomly initialised backbone, recorded in the "
+                             "cache so --resume rebuilds the same backbone (default: 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -105,27 +116,50 @@ def find_cached_weights(pretrained_cfg: dict, cache_dir=None) -> Optional[tuple[
     return None
 
 
-def create_backbone(name: str, *, pretrained: bool, img_size: Optional[int] = None, cache_dir=None):
-    """(timm model without its classifier, where its weights came from)."""
+def create_backbone(name: str, *, pretrained=False, img_size: Optional[int] = None, cache_dir=None):
+    """(timm model without its classifier, where its weights came from).
+
+    ``pretrained``: False (random init), True (timm's own loading: the Hugging Face or torch hub
+    cache, downloading what is not cached; ``HF_HUB_OFFLINE=1`` keeps it to the cache), or the
+    path of a local checkpoint file (a state dict, ``.safetensors`` or ``torch.save``d; timm adapts
+    position embeddings and drops the classifier as for its own weights).
+    """
     import timm
 
     kwargs = {"num_classes": 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if not pretrained:
-        return model, "random init"
-    found = find_cached_weights(dict(model.pretrained_cfg), cache_dir=cache_dir)
-    if found is None:
-        source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url") or "none known"
+    if cache_dir is not None:  # timm's override of the hub / torch cache folder
+        kwargs["cache_dir"] = cache_dir
+    if pretrained is False or pretrained is None:
+        kwargs.pop("cache_dir", None)
+        return timm.create_model(name, pretrained=False, **kwargs), "random init"
+    if not isinstance(pretrained, (bool, str, Path)):
+        raise TypeError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+    if pretrained is not True:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise WeightsNotFound(f"pretrained checkpoint {path} is not a file")
+        # A state dict, whatever the model's own weights need (some load from .npz through custom_load).
+        overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return model, str(path)
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        # Unknown names stay timm's error; a failed download or an offline miss becomes ours.
+        if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
+            raise
+        cfg = timm.models.get_pretrained_cfg(name) or {}
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        source = cfg.get("hf_hub_id") or cfg.get("url") or "none known"
         raise WeightsNotFound(
-            f"pretrained weights for {name} are not on this machine (looked in the Hugging Face "
-            f"and torch hub caches for {source}); this machine cannot download them. Copy them "
-            "into the cache, or run without --pretrained for randomly initialised weights.")
-    path, custom_load = found
-    model = timm.create_model(name, pretrained=True,
-                              pretrained_cfg_overlay={"file": path, "custom_load": custom_load}, **kwargs)
-    return model, path
+            f"cannot load pretrained weights for {name} (from {source}): {type(error).__name__}: {error}. "
+            "They download into the Hugging Face / torch hub cache on first use; with HF_HUB_OFFLINE=1 "
+            "they must already be there. Or pass a local checkpoint file.") from error
+    found = find_cached_weights(dict(model.pretrained_cfg), cache_dir=cache_dir)
+    source = found[0] if found else (model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url"))
+    return model, str(source)
 
 
 def split_indices(labels, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
@@ -197,26 +231,48 @@ def _say(message: str) -> None:
     print(f"fastfuse extract: {message}", file=sys.stderr)
 
 
+def backbone_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the backbone's parameters and buffers (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         _say(f"--out {out} exists and is not a directory")
         return 2
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+    try:
+        lock = storage.FolderLock(out, purpose="fastfuse extract").acquire()
+    except storage.FolderLockedError as error:
+        _say(str(error))
+        return 2
+    try:
+        storage.remove_temporaries(out)  # what a killed run left behind
+        return _run_locked(args, out)
+    finally:
+        lock.release()
+
+
+def _run_locked(args, out: Path) -> int:
+    if storage.folder_entries(out) and not (args.resume or args.overwrite):
         _say(f"--out {out} already exists and is not empty; pass --resume to keep its complete "
              "splits and write the rest, or --overwrite to rewrite them")
         return 2
-    for name in ("batch_size", "num_workers"):
-        if getattr(args, name) < (1 if name == "batch_size" else 0):
-            _say(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}")
-            return 2
     try:
         import timm.data
     except ImportError:
         _say("needs timm: pip install timm")
         return 1
     try:
-        model, weights = create_backbone(args.model, pretrained=args.pretrained, img_size=args.img_size)
+        # A random backbone is built from --seed (recorded below), whatever the global RNG holds.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(getattr(args, "seed", 0))
+            model, weights = create_backbone(args.model, pretrained=args.pretrained, img_size=args.img_size)
     except WeightsNotFound as error:
         _say(str(error))
         return 1
@@ -224,10 +280,11 @@ def run(args) -> int:
         _say(f"cannot create --model {args.model}: {error}")
         return 2
     if not args.pretrained:
-        _say(f"{args.model} is randomly initialised (no --pretrained): the features suit pipeline "
-             "tests, not probing results")
+        _say(f"{args.model} is randomly initialised from --seed {getattr(args, 'seed', 0)} (no --pretrained): "
+             "the features suit pipeline tests, not probing results")
     else:
         _say(f"{args.model}: pretrained weights from {weights}")
+    digest = backbone_digest(model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.eval().to(device)
     try:
@@ -258,7 +315,8 @@ def run(args) -> int:
     meta = {"model": args.model, "pretrained": args.pretrained, "weights": weights,
             "layers": tap.layer_names, "tokens": args.tokens, "num_prefix_tokens": tap.num_prefix_tokens,
             "img_size": img_size, "data": data_name, "classes": classes, "split_seed": SPLIT_SEED,
-            "mean": list(config["mean"]), "std": list(config["std"])}
+            "mean": list(config["mean"]), "std": list(config["std"]),
+            "init_seed": None if args.pretrained else getattr(args, "seed", 0), "backbone_digest": digest}
     done = set(complete_splits(out)) if args.resume else set()
     with tap:
         return _write_splits(tap, splits, meta, done, args, out, device)
@@ -270,8 +328,9 @@ def _write_splits(tap, splits, meta, done, args, out, device) -> int:
         previous = load_metadata(out, split)
         differs = [key for key in _RESUME_KEYS if previous.get(key) != expected[key]]
         if differs:
-            _say(f"--resume: split {split} in {out} was written with other settings ({', '.join(differs)}); "
-                 "use --overwrite or another --out")
+            details = "; ".join(f"{key}: {previous.get(key)!r} there, {expected[key]!r} now" for key in differs)
+            _say(f"--resume: split {split} in {out} was written with another backbone or settings "
+                 f"({details}); use --overwrite or another --out")
             return 2
     for split, dataset in splits.items():
         if split in done:

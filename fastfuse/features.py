@@ -8,7 +8,13 @@ One directory holds any number of splits, each as three files:
                            (model, layers, tokens, num_prefix_tokens, ...)
 
 The JSON is written last, after the arrays are complete and renamed into place, so a split is
-complete exactly when its JSON exists; an interrupted write leaves only ``*.partial`` files.
+complete exactly when its JSON exists. The arrays are written to temporary files in the same
+folder (``fastfuse.storage``), with their disk space reserved before any data is written; an
+overwrite keeps the previous split loadable until the new arrays are complete, and only the
+three renames that put them in place run without a loadable split.
+
+Loading validates every file against the JSON (format version, dtype, shape, integer labels in
+range; errors name the file) and checks the features for non-finite values once.
 """
 from __future__ import annotations
 
@@ -22,9 +28,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import storage
 from .gather import FLOAT_DTYPES, gather_tokens, normalize_inputs, num_gathered_tokens
 
 FORMAT = "fastfuse-features-v1"
+NONFINITE_POLICIES = ("raise", "drop", "keep")
+# Samples checked per step of the non-finite scan: bounds the memory of one step.
+_SCAN_ELEMENTS = 1 << 24
 _RESERVED_KEYS = ("format", "split", "num_samples", "num_tokens", "dim", "shape", "dtype",
                   "labels_dtype", "fastfuse_version")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -95,7 +105,8 @@ class FeatureWriter:
         self.split = _check_split(split)
         self.dtype = dtype
         self.paths = split_paths(directory, split)
-        self._partial = {key: path.with_name(path.name + ".partial") for key, path in self.paths.items()}
+        # Temporary names that storage.remove_temporaries recognises (a killed run's leftovers).
+        self._partial = {key: path.with_name(storage.TEMP_PREFIX + path.name) for key, path in self.paths.items()}
         self._arrays = None
         self.shape = None
 
@@ -106,14 +117,27 @@ class FeatureWriter:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.paths["meta"].unlink(missing_ok=True)  # the split is incomplete from here on
         self.shape = (num_samples, num_tokens, dim)
-        features = np.lib.format.open_memmap(self._partial["features"], mode="w+",
-                                             dtype=_numpy_storage_dtype(self.dtype), shape=self.shape)
-        labels = np.lib.format.open_memmap(self._partial["labels"], mode="w+", dtype=np.int64,
-                                           shape=(num_samples,))
+        try:
+            features = self._open(self._partial["features"], _numpy_storage_dtype(self.dtype), self.shape)
+            labels = self._open(self._partial["labels"], np.dtype(np.int64), (num_samples,))
+        except BaseException:
+            self.abort()
+            raise
         self._arrays = (features, labels)
         return _as_torch(features, self.dtype), torch.from_numpy(labels)
+
+    @staticmethod
+    def _open(path: Path, dtype: np.dtype, shape: tuple) -> np.memmap:
+        # open_memmap leaves a sparse file: without the reservation a full disk would surface
+        # as SIGBUS on the first write to an unbacked page. Reserved before any data is written.
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        try:
+            storage.reserve_space(path, path.stat().st_size)
+        except BaseException:
+            del array
+            raise
+        return array
 
     def finish(self, meta: Optional[dict] = None) -> dict:
         """Flush, move the arrays into place, write and return the metadata."""
@@ -131,14 +155,18 @@ class FeatureWriter:
         if clashes:
             raise ValueError(f"meta sets keys that the cache itself records, with other values: {clashes}")
         record.update({key: value for key, value in meta.items() if key not in record})
-        text = json.dumps(record, indent=2, default=_json_default)  # fail before moving files
+        # Everything that can fail runs before the previous split is touched.
+        text = json.dumps(record, indent=2, default=_json_default, allow_nan=False)
         for array in self._arrays:
             array.flush()
         self._arrays = None
+        for key in ("features", "labels"):
+            storage.fsync_path(self._partial[key])
+        # The split is incomplete (no JSON) only while the two arrays are renamed into place.
+        self.paths["meta"].unlink(missing_ok=True)
         os.replace(self._partial["features"], self.paths["features"])
         os.replace(self._partial["labels"], self.paths["labels"])
-        self._partial["meta"].write_text(text + "\n")
-        os.replace(self._partial["meta"], self.paths["meta"])
+        storage.write_text(self.paths["meta"], text + "\n")
         return record
 
     def abort(self) -> None:
@@ -178,32 +206,116 @@ def save_features(directory, split: str, features, labels, meta: Optional[dict] 
 
 
 def load_metadata(directory, split: str) -> dict:
-    """The JSON record of a complete split."""
+    """The JSON record of a complete split, checked: known format, the fields the cache needs."""
     path = split_paths(directory, split)["meta"]
     if not path.exists():
         found = complete_splits(directory)
         raise FileNotFoundError(f"no complete split {split!r} in {directory} "
                                 f"(complete splits: {', '.join(found) if found else 'none'})")
-    return json.loads(path.read_text())
+    meta = storage.read_json(path, what="feature metadata")
+    if not isinstance(meta, dict):
+        raise ValueError(f"feature metadata {path} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"feature metadata {path}: unknown format {meta.get('format')!r} (this fastfuse "
+                         f"reads {FORMAT!r}); re-extract the features with this version")
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in shape)):
+        raise ValueError(f"feature metadata {path}: 'shape' must be three positive integers "
+                         f"(samples, tokens, dim), got {shape!r}")
+    dtype = getattr(torch, str(meta.get("dtype")), None)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"feature metadata {path}: unsupported dtype {meta.get('dtype')!r} "
+                         f"(expected one of {[_dtype_name(d) for d in FLOAT_DTYPES]})")
+    return meta
 
 
-def load_features(directory, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def num_classes_of(meta: dict) -> Optional[int]:
+    """The class count the metadata records ('num_classes', else the length of 'classes'), or None."""
+    if meta.get("num_classes") is not None:
+        return meta["num_classes"]
+    classes = meta.get("classes")
+    return len(classes) if isinstance(classes, list) else None
+
+
+def _open_array(path: Path, mmap_mode, what: str) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file {path} is missing")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{what} file {path} is not a readable .npy array (truncated or "
+                         f"corrupt?): {error}") from None
+
+
+def nonfinite_samples(features: torch.Tensor) -> torch.Tensor:
+    """Indices of the samples of (n, ...) ``features`` holding a NaN or an infinity, one pass."""
+    rows = max(1, _SCAN_ELEMENTS // max(1, features[0].numel())) if len(features) else 1
+    bad = [start + torch.nonzero(~torch.isfinite(features[start:start + rows]).flatten(1).all(1)).flatten()
+           for start in range(0, features.shape[0], rows)]
+    return torch.cat(bad) if bad else torch.zeros(0, dtype=torch.int64)
+
+
+def apply_nonfinite_policy(features: torch.Tensor, labels: torch.Tensor, policy: str, where: str):
+    """Checks ``features`` once for non-finite values: 'raise' names ``where`` and the samples,
+    'drop' removes those samples (features become an in-memory copy), 'keep' skips the check."""
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    if policy == "keep":
+        return features, labels
+    bad = nonfinite_samples(features)
+    if bad.numel() == 0:
+        return features, labels
+    if policy == "raise":
+        shown = ", ".join(str(int(index)) for index in bad[:20]) + (", ..." if bad.numel() > 20 else "")
+        raise ValueError(f"{where}: {bad.numel()} of {features.shape[0]} samples hold NaN or infinite "
+                         f"values (sample indices {shown}); fix the data, or drop them "
+                         f"(nonfinite='drop', sweep --drop-nonfinite)")
+    keep = torch.ones(features.shape[0], dtype=torch.bool)
+    keep[bad] = False
+    print(f"fastfuse: {where}: dropped {bad.numel()} samples holding NaN or infinite values",
+          file=sys.stderr)
+    return features[keep], labels[keep]
+
+
+def load_features(directory, split: str, *, nonfinite: str = "raise") -> tuple[torch.Tensor, torch.Tensor]:
     """(features (n, N, D), labels (n,) int64) of one split; the features are memory-mapped.
 
     The features are mapped copy-on-write: reading pages them in from disk on demand, and writes
     to the tensor stay in this process, never reaching the file.
+
+    Every file is checked against the JSON (format version, dtype, shape, integer labels, labels
+    below the recorded class count); errors name the file. ``nonfinite``: 'raise' (default)
+    reads the features once and raises naming the split and the samples holding NaN/infinity,
+    'drop' removes those samples (the result is then an in-memory copy), 'keep' skips the check.
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     meta = load_metadata(directory, split)
     paths = split_paths(directory, split)
-    dtype = getattr(torch, meta["dtype"], None)
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{paths['meta']}: unsupported dtype {meta['dtype']!r}")
-    features = _as_torch(np.load(paths["features"], mmap_mode="c"), dtype)
-    labels = torch.from_numpy(np.load(paths["labels"]).astype(np.int64, copy=False))
-    if list(features.shape) != list(meta["shape"]) or labels.shape != features.shape[:1]:
-        raise ValueError(f"split {split!r} in {directory} is inconsistent: features "
-                         f"{tuple(features.shape)}, labels {tuple(labels.shape)}, metadata {meta['shape']}")
-    return features, labels
+    dtype = getattr(torch, meta["dtype"])
+    array = _open_array(paths["features"], "c", "features")
+    expected = _numpy_storage_dtype(dtype)
+    if array.dtype != expected or list(array.shape) != list(meta["shape"]):
+        raise ValueError(f"features file {paths['features']} holds {array.dtype} {tuple(array.shape)} but "
+                         f"{paths['meta']} says {meta['dtype']} {tuple(meta['shape'])} (stored as {expected})")
+    raw_labels = _open_array(paths["labels"], None, "labels")
+    if raw_labels.dtype.kind not in "iu":
+        raise ValueError(f"labels file {paths['labels']} holds {raw_labels.dtype} values; labels must be "
+                         "integers (class indices)")
+    if raw_labels.shape != (meta["shape"][0],):
+        raise ValueError(f"labels file {paths['labels']} has shape {raw_labels.shape}, expected "
+                         f"({meta['shape'][0]},) as {paths['meta']} says")
+    if raw_labels.size and (raw_labels.min() < 0 or raw_labels.max() > np.iinfo(np.int64).max):
+        raise ValueError(f"labels file {paths['labels']} holds labels outside [0, 2**63): class indices "
+                         "must be non-negative")
+    labels = torch.from_numpy(raw_labels.astype(np.int64, copy=False))
+    num_classes = num_classes_of(meta)
+    if num_classes is not None and labels.numel() and int(labels.max()) >= int(num_classes):
+        raise ValueError(f"labels file {paths['labels']} holds label {int(labels.max())} but "
+                         f"{paths['meta']} records {num_classes} classes (labels must be < {num_classes})")
+    features = _as_torch(array, dtype)
+    return apply_nonfinite_policy(features, labels, nonfinite, f"split {split!r} in {directory}")
 
 
 def extract_features(tap, loader, *, tokens: str = "cls+ap", dtype: torch.dtype = torch.float32,

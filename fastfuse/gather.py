@@ -115,8 +115,15 @@ def gather_tokens(layers, tokens: str, num_prefix_tokens: int, dtype: torch.dtyp
         if tokens in ("cls", "cls+ap"):
             columns.append(layer[:, 0])
         if tokens in ("ap", "cls+ap"):
-            columns.append(layer[:, num_prefix_tokens:].mean(dim=1))
+            columns.append(patch_average(layer[:, num_prefix_tokens:]))
     return torch.stack(columns, dim=1)
+
+
+def patch_average(rows: torch.Tensor) -> torch.Tensor:
+    """The mean over dim 1; where the sum overflows (tokens near the dtype's largest value),
+    the average of rows divided first, so a finite average stays finite (issue 12 item 7)."""
+    average = rows.mean(dim=1)
+    return torch.where(torch.isfinite(average), average, (rows / rows.shape[1]).sum(dim=1))
 
 
 def scatter_token_grads(grad_tokens: torch.Tensor, layers, tokens: str, num_prefix_tokens: int):

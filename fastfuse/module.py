@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .composed_head import ParameterVersionCache, compose_head, composed_is_cheaper, grad_reaches_parameters
 from .gather import gather_tokens, normalize_inputs
 from .ops import attentive_pool
+from .projections import StackedProjections, StackedScoreWeight
+
+
+def _one(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A parameter as a stack of one probe (fastfuse/projections.py takes a leading P dim)."""
+    return None if tensor is None else tensor.unsqueeze(0)
 
 
 class _CrossAttention(nn.Module):
@@ -80,15 +87,19 @@ class AttentiveFusion(nn.Module):
         self.attn_block = _AttentiveBlock(dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop)
         self.bn = nn.BatchNorm1d(dim)
         self.classifier = nn.Linear(dim, num_classes)
+        self._composed_head = ParameterVersionCache()
+        self._frozen_score_weight = ParameterVersionCache()
 
     def score_weight(self) -> torch.Tensor:
         """The H folded key vectors ``w_h = scale * gamma_k * (W_k,h^T q_h)`` (SPEC §2), (H, D)."""
         block, attn = self.attn_block, self.attn_block.cross_attn
         query = F.layer_norm(self.query_token.reshape(1, self.dim), (self.dim,),
                              block.norm_q.weight, block.norm_q.bias, block.norm_q.eps)
-        query = F.linear(query, attn.q.weight, attn.q_bias).reshape(self.num_heads, self.head_dim)
-        keys = attn.k.weight.reshape(self.num_heads, self.head_dim, self.dim)
-        weight = torch.einsum("he,hed->hd", query, keys) * (self.scale * block.norm_k.weight)
+        # The stacked probes' product with P = 1: its backward writes W_q's and W_k's gradients
+        # as contiguous outer products (autograd's einsum backward copies transposed views).
+        weight = StackedScoreWeight.apply(query, attn.q.weight.unsqueeze(0), _one(attn.q_bias),
+                                          attn.k.weight.unsqueeze(0), block.norm_k.weight.unsqueeze(0),
+                                          self.scale, self.num_heads)[0]
         # beta_k shifts every score of a head equally, so softmax drops it (SPEC §2). Adding it
         # times zero keeps its gradient an exact zero instead of None, so optimizers (weight
         # decay, moment updates) treat the parameter exactly as they do in the paper's probe.
@@ -104,7 +115,9 @@ class AttentiveFusion(nn.Module):
             raise ValueError(f"x is on {layers[0].device} but the probe's parameters are on "
                              f"{self.query_token.device}: move one of them with .to(device)")
         block, attn = self.attn_block, self.attn_block.cross_attn
-        weight = self.score_weight()
+        # Without a graph into the parameters (inference), the folded keys are cached too.
+        weight = (self._frozen_score_weight.get(self, self.score_weight) if self._caches_parameters()
+                  else self.score_weight())
         pooled, attention = attentive_pool(list(layers), weight, tokens=tokens,
                                            num_prefix_tokens=num_prefix_tokens,
                                            eps=block.norm_k.eps, backend=self.backend)
@@ -120,20 +133,65 @@ class AttentiveFusion(nn.Module):
         else:
             weight_sums = None
         pooled = pooled.to(param_dtype)
-        # W_v,h u_h + b_v,h with u_h = gamma_v * z_h + beta_v * sum_n a_hn (SPEC §2): gamma_v
-        # folds into the (small) value weight and beta_v into a per-head bias, so the
-        # (B, H, D) pooled tensor is touched only by one batched matmul over the heads.
-        heads, head_dim = self.num_heads, self.head_dim
-        value_weight = (attn.v.weight * block.norm_v.weight).reshape(heads, head_dim, self.dim)
-        value_bias = (attn.v.weight @ block.norm_v.bias).reshape(heads, head_dim)
-        if attn.v_bias is not None:
-            value_bias = value_bias + attn.v_bias.reshape(heads, head_dim)
-        # (H, B, D) @ (H, D, hd): the transposed view needs no copy of the pooled tensor.
-        values = torch.matmul(pooled.transpose(0, 1), value_weight.transpose(1, 2)).transpose(0, 1)
-        values = values + (value_bias if weight_sums is None else value_bias * weight_sums)
-        out = attn.proj_drop(attn.proj(values.flatten(1)))
+        if weight_sums is None and self._uses_composed_head():
+            head_weight, head_bias = self.composed_head()
+            logits = torch.addmm(head_bias, pooled.flatten(1), head_weight.t())
+            return (logits, attention) if return_attention else logits
+        if weight_sums is None and not torch.compiler.is_compiling():
+            # SPEC §2 after the pooling through the stacked probes' hand-written products (P = 1):
+            # gamma_v and beta_v fold into the value weight and bias, no elementwise pass over the
+            # (B, H, D) pooled tensor. A training-mode BatchNorm right after the output projection
+            # removes per-channel constants, so then beta_v, b_v and b_o get their exact gradient, 0.
+            bias_grads_vanish = self.bn.training and not (attn.proj_drop.training and attn.proj_drop.p > 0)
+            out = StackedProjections.apply(pooled, attn.v.weight.unsqueeze(0), block.norm_v.weight.unsqueeze(0),
+                                           block.norm_v.bias.unsqueeze(0), _one(attn.v_bias),
+                                           attn.proj.weight.unsqueeze(0), attn.proj.bias.unsqueeze(0),
+                                           bias_grads_vanish)
+        else:
+            # Dropped attention, or a graph that torch.compile traces (dynamo cannot trace the
+            # hand-written backward's strided out= products): autograd over
+            # W_v,h u_h + b_v,h with u_h = gamma_v * z_h + beta_v * sum_n a_hn (sum 1 undropped).
+            heads, head_dim = self.num_heads, self.head_dim
+            value_weight = (attn.v.weight * block.norm_v.weight).reshape(heads, head_dim, self.dim)
+            value_bias = (attn.v.weight @ block.norm_v.bias).reshape(heads, head_dim)
+            if attn.v_bias is not None:
+                value_bias = value_bias + attn.v_bias.reshape(heads, head_dim)
+            values = torch.matmul(pooled.transpose(0, 1), value_weight.transpose(1, 2)).transpose(0, 1)
+            values = values + (value_bias if weight_sums is None else value_bias * weight_sums)
+            out = attn.proj(values.flatten(1))
+        out = attn.proj_drop(out)
         logits = self.classifier(self.bn(out))
         return (logits, attention) if return_attention else logits
+
+    def _uses_composed_head(self) -> bool:
+        """Eval-mode head, no graph into the parameters, and the composed map is cheaper."""
+        bn, proj_drop = self.bn, self.attn_block.cross_attn.proj_drop
+        return (not self.training and not bn.training and bn.running_mean is not None
+                and not (proj_drop.training and proj_drop.p > 0)
+                and composed_is_cheaper(self.num_classes, self.num_heads, self.head_dim, self.dim)
+                and self._caches_parameters())
+
+    def _caches_parameters(self) -> bool:
+        """Values derived from the parameters may be cached: no graph reaches the parameters,
+        and no torch.compile trace (the cache's version checks are Python-side state)."""
+        return not grad_reaches_parameters(self) and not torch.compiler.is_compiling()
+
+    def composed_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode head after the pooling as one map: (M (C, H*D), m (C,)), logits = M z + m.
+
+        Exact (up to rounding) with BatchNorm on its running statistics and no dropout; cached
+        until any parameter or buffer changes (see :mod:`fastfuse.composed_head`).
+        """
+        def build():
+            block, attn, bn = self.attn_block, self.attn_block.cross_attn, self.bn
+            one = _one
+            weight, bias = compose_head(
+                self.num_heads, one(attn.v.weight), one(block.norm_v.weight), one(block.norm_v.bias),
+                one(attn.v_bias), one(attn.proj.weight), one(attn.proj.bias), one(bn.running_mean),
+                one(bn.running_var), one(bn.weight), one(bn.bias), bn.eps, one(self.classifier.weight),
+                one(self.classifier.bias))
+            return weight[0], bias[0]
+        return self._composed_head.get(self, build)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

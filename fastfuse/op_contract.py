@@ -14,12 +14,17 @@ tokens, num_prefix_tokens, layers_need_grad)
     Returns the gradient of every layer (contiguous (B, T_l, D), the layer's dtype) and of
     score_weight ((H, D), its dtype). grad_attention may be None. With layers_need_grad false
     (frozen features) the list is empty and no token gradient is computed.
+normalize ("layernorm" or "none", SPEC §5) changes no shape or dtype. token_moments(layers,
+tokens, num_prefix_tokens) returns mean (D,) and var (D,) in the compute dtype.
 """
 from __future__ import annotations
 
 import torch
 
 from .gather import num_gathered_tokens
+
+# attentive_pool's normalize=: the per-token normalisation N(x_n) of SPEC §5.
+NORMALIZATIONS = ("layernorm", "none")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,14 +40,21 @@ def forward_shapes(layers, score_weight, tokens: str):
     return (batch, heads, dim), (batch, heads, num_tokens), (batch, num_tokens), (batch, num_tokens)
 
 
-def fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+def fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
     acc = compute_dtype(layers[0].dtype)
     return tuple(layers[0].new_empty(shape, dtype=acc)
                  for shape in forward_shapes(layers, score_weight, tokens))
 
 
 def fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-                  mean, rstd, tokens, num_prefix_tokens, layers_need_grad):
+                  mean, rstd, tokens, num_prefix_tokens, layers_need_grad, normalize="layernorm"):
     grad_layers = [torch.empty_like(layer, memory_format=torch.contiguous_format)
                    for layer in layers] if layers_need_grad else []
     return grad_layers, torch.empty_like(score_weight)
+
+
+def fake_moments(layers, tokens, num_prefix_tokens):
+    """token_moments: per-channel mean and biased variance (D,), in the compute dtype."""
+    dim = layers[0].shape[2]
+    acc = compute_dtype(layers[0].dtype)
+    return layers[0].new_empty((dim,), dtype=acc), layers[0].new_empty((dim,), dtype=acc)

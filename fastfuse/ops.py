@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .backends import get as _get_backend, requested_name, resolve as _resolve_backend
 from .gather import normalize_inputs
-from .op_contract import compute_dtype, fake_backward, fake_forward
+from .op_contract import NORMALIZATIONS, compute_dtype, fake_backward, fake_forward
 
 DOUBLE_BACKWARD_MESSAGE = (
     "fastfuse.attentive_pool (op fastfuse::attentive_pool) does not support double backward: "
@@ -32,63 +32,65 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 @torch.library.custom_op("fastfuse::attentive_pool", mutates_args=())
 def _attentive_pool_op(layers: Sequence[Tensor], score_weight: Tensor, tokens: str,
-                       num_prefix_tokens: int, eps: float, backend: str
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       num_prefix_tokens: int, eps: float, backend: str,
+                       normalize: str = "layernorm") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # Resolved here too (never traced): a graph traced by torch.compile records only the
     # requested name. Eager calls pass the name resolved in attentive_pool: the same answer.
-    name = _resolve_backend(backend, layers, score_weight)
-    return tuple(_get_backend(name).forward(layers, score_weight, tokens, num_prefix_tokens, eps))
+    name = _resolve_backend(backend, layers, score_weight, normalize=normalize)
+    return tuple(_get_backend(name).forward(layers, score_weight, tokens, num_prefix_tokens, eps,
+                                            normalize=normalize))
 
 
 @_attentive_pool_op.register_fake
-def _(layers, score_weight, tokens, num_prefix_tokens, eps, backend):
-    return fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps)
+def _(layers, score_weight, tokens, num_prefix_tokens, eps, backend, normalize="layernorm"):
+    return fake_forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize)
 
 
 @torch.library.custom_op("fastfuse::attentive_pool_backward", mutates_args=())
 def _attentive_pool_backward_op(grad_pooled: Tensor, grad_attention: Optional[Tensor],
                                 layers: Sequence[Tensor], score_weight: Tensor, pooled: Tensor,
                                 attention: Tensor, mean: Tensor, rstd: Tensor, tokens: str,
-                                num_prefix_tokens: int, layers_need_grad: bool, backend: str
-                                ) -> tuple[list[Tensor], Tensor]:
-    name = _resolve_backend(backend, layers, score_weight)
+                                num_prefix_tokens: int, layers_need_grad: bool, backend: str,
+                                normalize: str = "layernorm") -> tuple[list[Tensor], Tensor]:
+    name = _resolve_backend(backend, layers, score_weight, normalize=normalize)
     grad_layers, grad_weight = _get_backend(name).backward(
         grad_pooled.contiguous(), None if grad_attention is None else grad_attention.contiguous(),
         layers, score_weight, pooled, attention, mean, rstd, tokens, num_prefix_tokens,
-        layers_need_grad)
+        layers_need_grad, normalize=normalize)
     return list(grad_layers), grad_weight
 
 
 @_attentive_pool_backward_op.register_fake
 def _(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd, tokens,
-      num_prefix_tokens, layers_need_grad, backend):
+      num_prefix_tokens, layers_need_grad, backend, normalize="layernorm"):
     return fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention,
-                         mean, rstd, tokens, num_prefix_tokens, layers_need_grad)
+                         mean, rstd, tokens, num_prefix_tokens, layers_need_grad, normalize)
 
 
 def _setup_context(ctx, inputs, output):
-    layers, score_weight, tokens, num_prefix_tokens, _eps, backend = inputs
+    layers, score_weight, tokens, num_prefix_tokens, _eps, backend = inputs[:6]
+    normalize = inputs[6] if len(inputs) > 6 else "layernorm"
     pooled, attention, mean, rstd = output
     ctx.save_for_backward(*layers, score_weight, pooled, attention, mean, rstd)
     ctx.num_layers = len(layers)
     # needs_input_grad[0] is True for a list input whatever its tensors need; ask them.
     ctx.layers_need_grad = any(layer.requires_grad for layer in layers)
-    ctx.options = (tokens, num_prefix_tokens, backend)
+    ctx.options = (tokens, num_prefix_tokens, backend, normalize)
 
 
 def _backward(ctx, grad_pooled, grad_attention, _grad_mean, _grad_rstd):
     saved = ctx.saved_tensors
     layers, (score_weight, pooled, attention, mean, rstd) = saved[:ctx.num_layers], saved[ctx.num_layers:]
-    tokens, num_prefix_tokens, backend = ctx.options
+    tokens, num_prefix_tokens, backend, normalize = ctx.options
     if grad_pooled is None:
         grad_pooled = torch.zeros_like(pooled)
     # Probes usually train on frozen features: then no token gradient is computed at all.
     layers_need_grad = ctx.layers_need_grad
     grad_layers, grad_weight = _attentive_pool_backward_op(
         grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
-        tokens, num_prefix_tokens, layers_need_grad, backend)
+        tokens, num_prefix_tokens, layers_need_grad, backend, normalize)
     grad_layers = list(grad_layers) if layers_need_grad else [None] * ctx.num_layers
-    return grad_layers, grad_weight, None, None, None, None
+    return grad_layers, grad_weight, None, None, None, None, None
 
 
 torch.library.register_autograd("fastfuse::attentive_pool", _backward, setup_context=_setup_context)
@@ -106,6 +108,7 @@ torch.library.register_autograd("fastfuse::attentive_pool_backward", _no_double_
 
 def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
                    num_prefix_tokens: int = 1, eps: float = 1e-5,
+                   normalize: str = "layernorm",
                    backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Attention-pool tokens against H folded query vectors (SPEC §2-§3), fused.
 
@@ -117,25 +120,35 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
             "all" (see :mod:`fastfuse.gather`).
         num_prefix_tokens: leading tokens of each layer that "ap" does not average (CLS plus
             register tokens).
-        eps: the LayerNorm epsilon of the token normalisation.
+        eps: the LayerNorm epsilon of the token normalisation (ignored for normalize="none").
+        normalize: the per-token normalisation N(x_n) of SPEC §5: "layernorm" (LayerNorm
+            without affine, SPEC §2) or "none" (the raw tokens: xh_n = x_n).
         backend: "auto", "torch", "cpu", "triton", "cuda"; None reads $FASTFUSE_BACKEND,
             else "auto".
 
     Returns:
-        pooled (B, H, D): ``z_h = sum_n a_hn xh_n`` over the normalised tokens xh, and
+        pooled (B, H, D): ``z_h = sum_n a_hn xh_n`` over the (normalised) tokens xh, and
         attention (B, H, N): ``a_hn = softmax_n(w_h . xh_n)``; float64 for float64 tokens,
         else float32. Differentiable w.r.t. ``x`` (each layer) and ``score_weight``.
     """
     layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
     score_weight = check_score_weight(score_weight, layers[0])
     eps = check_eps(eps)
+    normalize = check_normalize(normalize)
     name = requested_name(backend)
     if not torch.compiler.is_compiling():
-        name = _resolve_backend(name, layers, score_weight)
+        name = _resolve_backend(name, layers, score_weight, normalize=normalize)
     acc = compute_dtype(layers[0].dtype)
     pooled, attention, _mean, _rstd = _attentive_pool_op(
-        list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name)
+        list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name,
+        normalize)
     return pooled, attention
+
+
+def check_normalize(normalize) -> str:
+    if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    return normalize
 
 
 def check_eps(eps) -> float:

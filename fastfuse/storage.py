@@ -78,6 +78,18 @@ def write_json(path, payload: Any, *, indent: int | None = 1) -> None:
     write_text(path, text + "\n")
 
 
+def without_nonfinite(value: Any) -> Any:
+    """``value`` with every NaN/infinite float (in nested dicts, lists, tuples) replaced by None,
+    for :func:`write_json` where a missing number is an answer (a diverged loss, a failed case)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {key: without_nonfinite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nonfinite(item) for item in value]
+    return value
+
+
 def read_json(path, *, what: str = "file") -> Any:
     """Reads JSON, raising ValueError that names the file when it is empty or malformed."""
     path = Path(path)
@@ -145,6 +157,36 @@ def remove_temporaries(folder) -> None:
     if folder.is_dir():
         for leftover in folder.glob(TEMP_PREFIX + "*"):
             leftover.unlink(missing_ok=True)
+
+
+def check_writable(path, *, what: str = "output file") -> None:
+    """Raises OSError naming ``path`` unless a file can be created beside it (run before long work
+    whose result goes there). Creates the parent folder; leaves no file behind."""
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{what} {target} is a directory", str(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=TEMP_PREFIX + target.name + ".", dir=target.parent)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {what} {target}: {os.strerror(error.errno or 0)}",
+                      str(target)) from None
+    os.close(handle)
+    os.unlink(temp)
+
+
+def fsync_path(path) -> None:
+    """Flushes a file written in place (e.g. through a memory map) to disk before its rename."""
+    _fsync_file(Path(path))
+
+
+def folder_entries(folder) -> list[Path]:
+    """What ``folder`` holds besides fastfuse's lock file and temporary files ([] if absent)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(entry for entry in folder.iterdir()
+                  if entry.name != LOCK_NAME and not entry.name.startswith(TEMP_PREFIX))
 
 
 class FolderLock:

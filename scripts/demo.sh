@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: extract features of a small timm ViT on the bundled digits, sweep a grid of
-# AttentiveFusion probes in lockstep beside the linear baselines, print the table and the time
-# against the paper's probe trained one configuration at a time (both measured).
+# The main job: a small complete probing study that downloads nothing. Two randomly initialised
+# timm ViTs x two datasets (scikit-learn's digits, synthetic gratings): features extracted once
+# per cell, the linear probes and AttentiveFusion swept in lockstep, the report printed and
+# written (table, gain figure, attention heatmaps) into out/study_demo/report.
+# Rerunning continues the study (finished units are kept). Extra arguments go to `study demo`.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 cd "$ROOT"
-python -m fastfuse.sweep.demo --out out/demo "$@"
+python -m fastfuse study demo --out out/study_demo "$@"

@@ -45,13 +45,14 @@ def stack_tokens(layers, tokens, num_prefix_tokens):
     return torch.stack(picked, dim=1)
 
 
-def pool(layers, score_weight, tokens="all", num_prefix_tokens=0, eps=EPS):
-    """SPEC §2 forward in float64, from the definition: (pooled, attention, mean, rstd).
+def pool(layers, score_weight, tokens="all", num_prefix_tokens=0, eps=EPS, normalize="layernorm"):
+    """SPEC §2/§5 forward in float64, from the definition: (pooled, attention, mean, rstd);
+    LayerNorm without affine (normalize="layernorm") or the raw tokens ("none").
     Differentiable (autograd): the oracle for the op's backward too."""
     stacked = stack_tokens([layer.to(torch.float64) for layer in layers], tokens, num_prefix_tokens)
     mean = stacked.mean(dim=-1)
     rstd = (stacked.var(dim=-1, unbiased=False) + eps).rsqrt()
-    normed = F.layer_norm(stacked, stacked.shape[-1:], eps=eps)
+    normed = F.layer_norm(stacked, stacked.shape[-1:], eps=eps) if normalize == "layernorm" else stacked
     attention = torch.softmax(torch.einsum("bnd,hd->bhn", normed, score_weight.to(torch.float64)), dim=-1)
     return torch.einsum("bhn,bnd->bhd", attention, normed), attention, mean, rstd
 
@@ -68,6 +69,18 @@ def pool_with_grads(layers, score_weight, tokens, num_prefix_tokens, grad_pooled
         loss = loss + (attention * grad_attention.to(torch.float64).cpu()).sum()
     grads = torch.autograd.grad(loss, [*layers, weight])
     return pooled.detach(), attention.detach(), mean, rstd, list(grads[:-1]), grads[-1]
+
+
+def pool_reference(tokens, score_weight, eps=EPS, normalize="layernorm"):
+    """pooled and attention of a (B, N, D) token tensor (see :func:`pool`)."""
+    return pool([tokens], score_weight, "all", 0, eps, normalize)[:2]
+
+
+def moments_reference(tokens):
+    """Per-channel mean and biased variance of a (B, N, D) token stack over all B*N tokens,
+    in float64, with plain torch.mean / torch.var (the statistics BatchNorm1d uses in training)."""
+    flat = tokens.double().reshape(-1, tokens.shape[-1])
+    return torch.mean(flat, dim=0), torch.var(flat, dim=0, unbiased=False)
 
 
 def randomize_(module, std=0.3, seed=0):

@@ -86,3 +86,21 @@ def test_scaling_grids_vary_one_axis():
         others = {tuple(getattr(case, key) for key in ("batch", "num_tokens", "dim") if key != axis)
                   for case in sweep}
         assert len(others) == 1
+
+
+def test_pooler_rows_upstream_and_fused(machine):
+    """Every pooler row and its "+fuse" twin run, and the twin computes the upstream function."""
+    from fastfuse.bench import peers
+
+    names = [name for pooler in peers.POOLERS for name in (pooler, f"{pooler}+fuse")]
+    runnable, skipped = impls.available("cpu", names)
+    assert set(runnable) | set(skipped) == set(names)
+    records = run_case(TINY, runnable, "cpu", machine, repeats=1, modes=("train",))
+    assert all(record["unavailable"] is None and record["ms"] > 0 for record in records)
+    tokens = torch.randn(4, TINY.num_tokens, TINY.dim, dtype=torch.float64)
+    for pooler in runnable:
+        if pooler.endswith("+fuse"):
+            continue
+        upstream = impls.build(pooler, TINY, "cpu").double().eval()
+        folded = peers.fused(upstream, backend="torch")
+        torch.testing.assert_close(folded(tokens), upstream(tokens), rtol=1e-9, atol=1e-12)

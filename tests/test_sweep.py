@@ -23,7 +23,7 @@ RUN = dict(num_heads=2, epochs=2, batch_size=16, progress=False)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny problems: threads only add scheduling noise on a shared 2-core machine.
+    # Tiny problems: more threads only add scheduling noise to them.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -271,7 +271,9 @@ def test_cli(features_dir, tmp_path):
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["probes"]) == 2 and results["settings"]["backend"] == "torch"
-    assert main(["sweep", "--features", str(features_dir), "--lr", "-1", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as refused:  # checked at parse time
+        main(["sweep", "--features", str(features_dir), "--lr", "-1", "--out", str(tmp_path)])
+    assert refused.value.code == 2
 
 
 # --- distributed --------------------------------------------------------------------------
@@ -311,3 +313,21 @@ def test_two_ranks_equal_one_process(features_dir, lockstep, tmp_path):
     assert on_disk["timing"]["world_size"] == 2
     assert {row["group_size"] for row in on_disk["probes"]} == {4}      # each rank trained half the grid
     assert (out / "best_probe.pt").exists()
+
+
+def test_paper_reference_shares_the_training_loop(features_dir):
+    """The paper's probe, one configuration at a time through the same epoch loop, follows the
+    sweep's probes (same init, batches, schedule, loss): losses agree to float32 rounding."""
+    from fastfuse.sweep.paper_reference import train_paper_probes
+    from fastfuse.sweep.train import TrainSettings
+
+    data = load_sweep_data(features_dir)
+    configs = [config for config in SweepGrid.coerce(GRID).configs() if config.seed == 0][:2]
+    settings = TrainSettings(num_heads=2, epochs=2, batch_size=16, baselines=False)
+    _, rows = train_paper_probes(data, configs, settings)
+    sweep = run_sweep(features_dir, {"lr": [configs[0].lr], "wd": [c.wd for c in configs], "seed": [0]},
+                      baselines=False, **RUN)
+    for row, other in zip(rows, sweep["probes"]):
+        assert (row["lr"], row["wd"]) == (other["lr"], other["wd"])
+        assert row["train_loss"] == pytest.approx(other["train_loss"], rel=1e-4)
+        assert len(row["val_acc"]) == 2 and row["best_epoch"] in (1, 2) and row["diverged"] is False

@@ -17,7 +17,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (pip install ti
 
 import fastfuse
 from fastfuse.cli import main as cli_main
-from fastfuse.extract import create_backbone, find_cached_weights, split_indices
+from fastfuse.extract import create_backbone, split_indices
 from fastfuse.features import FeatureWriter, complete_splits, extract_features, load_features, load_metadata, save_features
 from fastfuse.paper import PaperAttentiveProbe
 from fastfuse.taps import LayerTap
@@ -29,7 +29,10 @@ MODELS = {
     "vit_s16": ("vit_small_patch16_224", 32, 1, 6),          # ViT-S/16 widths, 2x2 patches
     "vit_ti16": ("vit_tiny_patch16_224", 32, 1, 3),
     "vit_s14_reg4": ("vit_small_patch14_reg4_dinov2", 28, 5, 6),  # CLS + 4 registers
+    "vit_ti16_map": ("vit_tiny_patch16_224", 32, 1, 3),      # attention-pool (MAP) head, as SigLIP
 }
+# Extra timm.create_model arguments per key.
+MODEL_KWARGS = {"vit_ti16_map": {"global_pool": "map"}}
 _built = {}
 
 
@@ -38,7 +41,8 @@ def build(key):
     if key not in _built:
         name, img_size, _, _ = MODELS[key]
         torch.manual_seed(0)
-        _built[key] = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size).eval()
+        _built[key] = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
+                                        **MODEL_KWARGS.get(key, {})).eval()
     return _built[key]
 
 
@@ -369,20 +373,25 @@ def test_cli_image_folder(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_cli_pretrained_refuses_without_local_weights(tmp_path, capsys):
-    name = "vit_tiny_patch16_224"
-    config = timm.create_model(name, pretrained=False, num_classes=0, img_size=32).pretrained_cfg
-    if find_cached_weights(dict(config)) is not None:
-        pytest.skip(f"weights of {name} are cached on this machine")
-    argv = ["extract", "--model", name, "--pretrained", "--img-size", "32", "--data", "digits",
+def test_cli_pretrained_offline_without_cached_weights(tmp_path, capsys, monkeypatch):
+    """HF_HUB_OFFLINE=1 and nothing cached: a clear error, nothing written (no download tried)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read when called
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
+    argv = ["extract", "--model", "vit_tiny_patch16_224", "--pretrained", "--img-size", "32", "--data", "digits",
             "--out", str(tmp_path / "out")]
     assert cli_main(argv) == 1
-    assert "not on this machine" in capsys.readouterr().err
+    assert "cannot load pretrained weights for vit_tiny_patch16_224" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_pretrained_weights_load_from_local_cache(tmp_path):
+def test_pretrained_weights_load_from_local_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     safetensors_torch = pytest.importorskip("safetensors.torch")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the cache only, no network
     name = "vit_tiny_patch16_224"
     torch.manual_seed(5)
     source = timm.create_model(name, pretrained=False)  # full model, head included, as published

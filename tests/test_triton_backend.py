@@ -6,9 +6,11 @@ on CPU tensors; its single launch config (kernels/triton/configs.py: 32 tokens x
 masked tails. float16 / bfloat16 are held to a multiple of PyTorch's own error at the input
 precision (STYLE.md), float32 and float64 (float64 accumulation) to reference.TOLERANCE.
 """
+import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -192,52 +194,107 @@ def test_public_entry_points_run_triton():
     assert rel_err(logits, ref_logits) < tol and rel_err(attention, ref_attention) < tol
 
 
-_COMPILE_CHECK = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from fastfuse.kernels.triton.pool_backward import pool_backward_kernel
-from fastfuse.kernels.triton.pool_forward import pool_forward_kernel
-
-for kernel in (pool_forward_kernel, pool_backward_kernel):
-    fn, config = kernel.fn, kernel.configs[0]
-    for addressing, dtype, cap in ((0, "fp16", 90), (1, "bf16", 90), (2, "fp32", 80)):
-        constants = dict(config.kwargs, ADDRESSING=addressing, ROW_ALIGN=1, stride_d=1, ACC=tl.float32,
-                         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-        if "HAS_GRAD_ATTENTION" in fn.arg_names:
-            constants["HAS_GRAD_ATTENTION"] = True
-        signature = {}
-        for name in fn.arg_names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name in ("layers_ptr", "grads_ptr"):
-                signature[name] = "*" + dtype
-            elif name.endswith("table_ptr"):
-                signature[name] = "*i64"
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32"
-            else:
-                signature[name] = "fp32" if name == "eps" else "i64" if name.startswith("stride") else "i32"
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        if config.maxnreg:
-            options["maxnreg"] = config.maxnreg
-        triton.compile(source, target=GPUTarget("cuda", cap, 32), options=options)
-print("compiled")
-"""
-
-
-def test_kernels_compile_for_ampere_and_hopper():
-    """The interpreter skips Triton's compiler; build the kernels for sm_80 / sm_90 (no GPU needed)."""
+def _triton_ptxas_present() -> bool:
     import triton
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+def test_every_config_compiles_for_ampere_and_hopper_without_spills():
+    """The interpreter skips Triton's compiler: build every config of both kernels for sm_80 /
+    sm_90 (no GPU needed; tests/triton_aot.py, a sample rotating dtype, D class and addressing
+    mode; ``--all`` builds every combination) and read ptxas' register report of each."""
+    if not _triton_ptxas_present():
         pytest.skip("triton's bundled ptxas is missing")
+    from fastfuse.kernels.triton.configs import config_tables
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, os.path.join(root, "tests", "triton_aot.py"), "--arch", "sm_90"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=3000)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    built = {(report["kernel"], report["config"]) for report in reports}
+    assert built == {(kernel, index) for kernel, table in config_tables().items() for index in range(len(table))}
+    unaligned_spills = []
+    for report in reports:
+        assert 0 < report["registers"] <= 255, report
+        spills = report["spill_stores"] + report["spill_loads"]
+        if report["dim"] % 16 == 0:
+            assert spills == 0, f"spills: {report}"
+        elif spills:
+            unaligned_spills.append(report)
+    if unaligned_spills:  # known, not fixed yet: docs/gpu.md
+        warnings.warn(f"D not a multiple of 16 still spills in {len(unaligned_spills)} builds: {unaligned_spills}")
+
+
+def test_forced_config_env_var(monkeypatch):
+    from fastfuse.kernels.triton import configs
+
+    monkeypatch.setenv("FASTFUSE_TRITON_CONFIG", "1")
+    assert configs.forced_config_index() == 1
+    monkeypatch.setenv("FASTFUSE_TRITON_CONFIG", "fast")
+    with pytest.raises(ValueError, match="FASTFUSE_TRITON_CONFIG"):
+        configs.forced_config_index()
+    monkeypatch.delenv("FASTFUSE_TRITON_CONFIG")
+    assert configs.forced_config_index() is None
+
+
+def test_launch_copies_nothing_from_the_host_after_the_first_call(monkeypatch):
+    """Forward and backward, several layers and one, every addressing mode: once a layout has
+    been seen, a call builds no tensor from host data (torch.tensor / as_tensor / from_numpy)
+    and copies none to the device, so nothing waits for the stream and a CUDA graph may
+    capture the step."""
+    from fastfuse.backends import triton as triton_backend
+
+    cases = [(_layer_views(2, 24, torch.float32), "cls+ap"), (_layer_views(2, 24, torch.float32), "all"),
+             (_layer_views(2, 24, torch.float32), "cls"), ([_tokens((2, 9, 24), 3)], "all")]
+    weight = _weight(3, 24).to(DEVICE)
+
+    def step(layers, tokens):
+        outputs = TRITON.forward(layers, weight, tokens, 1, EPS)
+        grad_pooled = torch.ones_like(outputs[0])
+        TRITON.backward(grad_pooled, None, layers, weight, *outputs, tokens, 1, True)
+        TRITON.backward(grad_pooled, None, layers, weight, *outputs, tokens, 1, False)
+
+    for layers, tokens in cases:
+        step([layer.to(DEVICE) for layer in layers], tokens)  # warm-up: the layout's tables
+    calls = []
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _name=name, _original=original, **k: (calls.append(_name), _original(*a, **k))[1])
+    original_to, original_copy = torch.Tensor.to, torch.Tensor.copy_
+
+    def recording_to(self, *args, **kwargs):
+        result = original_to(self, *args, **kwargs)
+        if result.device != self.device:
+            calls.append(f"to {self.device} -> {result.device}")
+        return result
+
+    def recording_copy(self, source, *args, **kwargs):
+        if source.device != self.device:
+            calls.append(f"copy_ {source.device} -> {self.device}")
+        return original_copy(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    monkeypatch.setattr(torch.Tensor, "copy_", recording_copy)
+    for layers, tokens in cases:  # fresh tensors, the same layouts: new addresses
+        step([layer.clone().to(DEVICE) if layer.is_contiguous() else layer.to(DEVICE) for layer in layers], tokens)
+    assert calls == [], f"host tensors built or copied per call: {calls}"
+    assert len(triton_backend._DEVICE_TABLES) >= 3
+
+
+def test_batch_bucket_and_plan_do_not_depend_on_addresses():
+    from fastfuse.backends import triton as triton_backend
+
+    shapes = [(1000, 197, 768)] * 3
+    strides = [(197 * 768, 768, 1)] * 3
+    plan = triton_backend.plan(shapes, strides, 2, "cls+ap", 1)
+    assert plan.batch_bucket == 1024 and plan.addressing == triton_backend.GATHERED
+    assert plan.row_align == 8 and plan.grad_align == 8 and plan.num_tokens == 6
+    assert triton_backend.plan([(2048, 197, 768)], [(197 * 768, 768, 1)], 2, "all", 1).batch_bucket == 2048
+    odd = triton_backend.plan([(3, 197, 1000)], [(197 * 1000, 1000, 1)], 2, "all", 1)
+    assert odd.row_align == 8 and odd.addressing == triton_backend.AFFINE and odd.batch_bucket == 4
+    sliced = triton_backend.plan([(3, 12, 37)], [(12 * 46, 46, 1)], 4, "ap", 1)
+    assert sliced.row_align == 1 and sliced.grad_align == 1

@@ -57,12 +57,13 @@ def requested_name(backend: str | None) -> str:
 _warned: set[str] = set()
 
 
-def resolve(backend: str | None, layers, score_weight) -> str:
-    """The concrete backend that will run this input."""
+def resolve(backend: str | None, layers, score_weight, **options) -> str:
+    """The concrete backend that will run this input (``options``: normalize=, and
+    op="token_moments" for the moments reduction, where score_weight is None)."""
     name = requested_name(backend)
     if name != "auto":
         chosen = _BACKENDS[name]
-        reasons = chosen.not_supported_reasons(layers, score_weight)
+        reasons = chosen.not_supported_reasons(layers, score_weight, **options)
         if reasons:
             message = f"fastfuse backend {name!r} cannot run this input: " + "; ".join(reasons)
             # A dtype the backend does not take is a wrong argument type, not a failure to run.
@@ -72,7 +73,7 @@ def resolve(backend: str | None, layers, score_weight) -> str:
     device_type = layers[0].device.type
     skipped = []
     for candidate in AUTO_ORDER.get(device_type, ("torch",)):
-        reasons = _BACKENDS[candidate].not_supported_reasons(layers, score_weight)
+        reasons = _BACKENDS[candidate].not_supported_reasons(layers, score_weight, **options)
         if not reasons:
             if skipped and candidate == "torch":
                 key = ";".join(skipped)

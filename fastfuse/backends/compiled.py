@@ -6,13 +6,20 @@ from __future__ import annotations
 import torch
 
 
-def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+def _check_layernorm(normalize):
+    if normalize != "layernorm":
+        raise NotImplementedError(f"the compiled kernels do not support normalize={normalize!r} yet")
+
+
+def forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
+    _check_layernorm(normalize)
     return torch.ops.fastfuse.fused_pool_forward(list(layers), score_weight, tokens,
                                                  num_prefix_tokens, eps)
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-             tokens, num_prefix_tokens, layers_need_grad=True):
+             tokens, num_prefix_tokens, layers_need_grad=True, normalize="layernorm"):
+    _check_layernorm(normalize)
     return torch.ops.fastfuse.fused_pool_backward(
         grad_pooled, grad_attention, list(layers), score_weight, pooled, attention, mean, rstd,
         tokens, num_prefix_tokens, layers_need_grad)

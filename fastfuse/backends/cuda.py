@@ -71,12 +71,14 @@ def min_shared_memory_bytes(dim: int, heads: int, dtype: torch.dtype) -> int:
 class CudaBackend(Backend):
     """Adds the kernels' own limits to the generic reasons (layer count, shared memory)."""
 
-    def not_supported_reasons(self, layers, score_weight) -> list[str]:
-        reasons = super().not_supported_reasons(layers, score_weight)
+    def not_supported_reasons(self, layers, score_weight, **options) -> list[str]:
+        reasons = super().not_supported_reasons(layers, score_weight, **options)
         if reasons:
             return reasons
         if len(layers) > MAX_LAYERS:
             reasons.append(f"reads at most {MAX_LAYERS} layers per call, got {len(layers)}")
+        if score_weight is None:  # token_moments: no heads, no pool tiles
+            return reasons
         dim, heads = layers[0].shape[-1], score_weight.shape[0]
         needed = min_shared_memory_bytes(dim, heads, layers[0].dtype)
         allowed = _shared_memory_per_block(layers[0].device)
@@ -90,4 +92,5 @@ class CudaBackend(Backend):
 
 BACKEND = CudaBackend("cuda", ("cuda",), _availability, compiled.forward,
                       compiled.backward,
-                      dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+                      dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                      normalizations=("layernorm",))

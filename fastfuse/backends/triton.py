@@ -2,21 +2,27 @@
 
 The launchers are plain functions (the contract of fastfuse/op_contract.py) in the backend
 table: the public op ``fastfuse::attentive_pool`` is opaque to torch.compile and calls them
-when it runs, so they need no op registration of their own and never see fake tensors.
-triton is imported on first use: ``import fastfuse`` stays fast and works without triton.
+when it runs, so they need no op registration of their own. triton is imported on first use:
+``import fastfuse`` stays fast and works without triton.
 
 On a machine without a GPU, TRITON_INTERPRET=1 runs the same kernels on CPU tensors (slowly);
 that is how CI checks them. float16, bfloat16 and float32 tokens accumulate in float32, float64
 tokens in float64 (the same kernels with a float64 accumulator: cheap to keep, and it lets the
 float64 reference tests run this backend too).
 
-Layers are read where they lie: one pointer (layers[0]) plus each layer's offset from it in
-elements, taken from the tensors' addresses, and each layer's strides (kernels/triton/tokens.py).
+Layers are read where they lie: a tuple of pointers (the layers themselves, kernel arguments)
+plus a token table of row offsets and strides relative to each token's layer
+(kernels/triton/tokens.py). The table depends on shapes and strides only: it is copied to the
+device once per layout and cached; a call copies nothing from the host and never waits for the
+device, so a training step can be captured in a CUDA graph (after one warm-up call per layout,
+which CUDA graphs need anyway). The public op ``fastfuse::attentive_pool`` is opaque to
+torch.compile, so the kernels run as they do eagerly.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -84,11 +90,13 @@ def _addressing(num_layers: int, tokens: str) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _plan(lengths: tuple, strides: tuple, tokens: str, num_prefix_tokens: int, dim: int):
-    """(token table rows, per-layer (length, cls token, ap token)) for one layout of layers.
+    """(token table rows, layer table rows) for one layout of layers: shapes and strides only,
+    never addresses, so a layout's tables hold for every call with that layout.
 
     Token rows: (layer, row offset, batch stride, row stride, row count, grad row offset,
-    grad batch stride), the column order of kernels/triton/tokens.py. Gradients are
-    contiguous (B, T_l, D).
+    grad batch stride), the column order of kernels/triton/tokens.py; offsets relative to the
+    token's layer. Layer rows: (length, cls token, ap token). Gradients are contiguous
+    (B, T_l, D).
     """
     token_rows, layer_rows = [], []
     for layer, (length, (batch_stride, row_stride, _)) in enumerate(zip(lengths, strides)):
@@ -108,24 +116,36 @@ def _plan(lengths: tuple, strides: tuple, tokens: str, num_prefix_tokens: int, d
     return tuple(token_rows) or ((0,) * 7,), tuple(layer_rows)
 
 
-@functools.lru_cache(maxsize=64)
-def _token_table(layout: tuple, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_plan(*layout)[0], dtype=torch.int64, device=device)
+# The device copies of the tables, one per (layout, device): built (one host-to-device copy)
+# on the first call with a layout, then only read. Keyed by shapes and strides, never by
+# addresses, so the caching allocator's reuse of memory cannot make an entry stale.
+_DEVICE_TABLES: dict = {}
+_DEVICE_TABLES_MAX = 256
 
 
-def _element_offsets(tensors) -> list[int]:
-    """Each tensor's address minus the first one's, in elements (0 for a single tensor)."""
-    if len(tensors) == 1:
-        return [0]
-    addresses = [tensor.data_ptr() for tensor in tensors]
-    size = tensors[0].element_size()
-    offsets = []
-    for address in addresses:
-        delta = address - addresses[0]
-        if delta % size:
-            raise RuntimeError("the triton backend needs every layer aligned to its element size")
-        offsets.append(delta // size)
-    return offsets
+def _device_tables(layout: tuple, device: torch.device, tracing: bool):
+    """(token table, layer table) for ``layout`` on ``device``, int64."""
+    key = (layout, str(device))
+    tables = _DEVICE_TABLES.get(key)
+    if tables is None:
+        token_rows, layer_rows = _plan(*layout)
+        tables = tuple(torch.tensor(rows, dtype=torch.int64, device=device)
+                       for rows in (token_rows, layer_rows))
+        if tracing:  # fake / functional tensors: a constant of this trace, never cached
+            return tables
+        if len(_DEVICE_TABLES) >= _DEVICE_TABLES_MAX:
+            _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
+        _DEVICE_TABLES[key] = tables
+    return tables
+
+
+def _tracing(tensor: torch.Tensor) -> bool:
+    """True for the fake / functional tensors of a torch.compile trace (no storage)."""
+    try:
+        tensor.data_ptr()
+    except RuntimeError:
+        return True
+    return False
 
 
 def _same_feature_stride(layers):
@@ -136,41 +156,102 @@ def _same_feature_stride(layers):
     return [layer if layer.stride(2) == 1 else layer.contiguous() for layer in layers], 1
 
 
-def _row_alignment(layers, offsets, token_rows, stride_d) -> int:
-    """Elements per 16 bytes when every row the kernels address starts 16-byte aligned, else 1
-    (a hint for vector loads; the AFFINE form gets it from Triton's own argument analysis)."""
-    vector = 16 // layers[0].element_size()
-    if stride_d != 1 or layers[0].data_ptr() % 16:
-        return 1
-    values = list(offsets) + [value for row in token_rows for value in row[1:4]]
+def _alignment(values, element_size: int) -> int:
+    """Elements per 16 bytes when every offset in ``values`` is a multiple of 16 bytes, else 1:
+    a hint for vector loads / stores. Each layer's own base address is a pointer argument,
+    whose 16-byte alignment Triton checks itself (its pointer specialisation)."""
+    vector = max(16 // element_size, 1)
     return vector if all(value % vector == 0 for value in values) else 1
 
 
-def _programs(batch: int, device: torch.device, per_sm: int | None) -> int:
+class LaunchPlan(NamedTuple):
+    """What the launchers decide for one call, from shapes, strides and dtypes only (the
+    traffic model, fastfuse/bench/traffic.py, reads the same decisions)."""
+    addressing: int          # AFFINE / TABLE / GATHERED
+    num_tokens: int          # N
+    row_align: int           # ROW_ALIGN: elements per 16-byte vector, or 1
+    grad_align: int          # GRAD_ALIGN, the same for the (contiguous) gradients
+    layout: tuple | None     # the key of the device tables (None for AFFINE: no tables)
+    batch_bucket: int        # the batch rounded up to a power of two (autotune key)
+
+
+def plan(shapes, strides, element_size: int, tokens: str, num_prefix_tokens: int) -> LaunchPlan:
+    """The launch decisions for layers of these (B, T_l, D) shapes and strides (elements)."""
+    batch, _, dim = shapes[0]
+    lengths = tuple(shape[1] for shape in shapes)
+    addressing = _addressing(len(shapes), tokens)
+    num_tokens = num_gathered_tokens(list(lengths), tokens)
+    stride_d = strides[0][2]
+    grad_align = _alignment([dim], element_size)
+    bucket = 1 << max(int(batch) - 1, 0).bit_length()
+    if addressing == AFFINE:
+        row_align = _alignment([strides[0][0], strides[0][1]], element_size) if stride_d == 1 else 1
+        return LaunchPlan(addressing, num_tokens, row_align, grad_align, None, bucket)
+    layout = (lengths, tuple(tuple(stride) for stride in strides), tokens, num_prefix_tokens, dim)
+    token_rows, _ = _plan(*layout)
+    offsets = [value for row in token_rows for value in row[1:4]]
+    row_align = _alignment(offsets, element_size) if stride_d == 1 else 1
+    return LaunchPlan(addressing, num_tokens, row_align, grad_align, layout, bucket)
+
+
+def persistent_programs(batch: int, multiprocessors: int, l2_bytes: int, per_sm: int,
+                        sample_bytes: int) -> int:
+    """Programs of a persistent grid: ``per_sm`` per SM, fewer when each program's per-sample
+    working set (``sample_bytes``: its scratch slot, its dw partial, ...) would not fit its share
+    of L2 -- its re-reads would then come from DRAM (fastfuse/bench/traffic.py) -- but never
+    fewer than one per SM; never more than the batch."""
+    programs = per_sm * multiprocessors
+    if sample_bytes > 0:
+        programs = min(programs, max(multiprocessors, l2_bytes // (2 * sample_bytes)))
+    return max(1, min(batch, programs))
+
+
+def _programs(batch: int, device: torch.device, per_sm: int | None, sample_bytes: int = 0) -> int:
     """Grid size: one program per sample (per_sm None), else a persistent grid."""
     if _interpreting():
         return min(batch, 2)  # exercises the per-program sample loop; the interpreter is serial
     if per_sm is None:
         return batch
-    return min(batch, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    multiprocessors, l2_bytes = _device_caches(device)
+    return persistent_programs(batch, multiprocessors, l2_bytes, per_sm, sample_bytes)
 
 
-def _tables(layers, grads, tokens, num_prefix_tokens):
-    """(addressing, token table, layer table, row alignment) for the kernels (tokens.py)."""
-    addressing = _addressing(len(layers), tokens)
-    device = layers[0].device
-    if addressing == AFFINE:  # token n of sample b is row b * stride_b + n * stride_t: no tables
-        unused = torch.zeros(1, dtype=torch.int64, device=device)
-        return addressing, unused, unused, 1
-    layout = (tuple(layer.shape[1] for layer in layers), tuple(tuple(layer.stride()) for layer in layers),
-              tokens, num_prefix_tokens, layers[0].shape[2])
-    token_rows, layer_rows = _plan(*layout)
-    offsets = _element_offsets(layers)
-    grad_offsets = _element_offsets(grads) if grads is not None else [0] * len(layers)
-    token_table = _token_table(layout, device)
-    layer_table = torch.tensor([(offset, grad_offset) + row for offset, grad_offset, row
-                                in zip(offsets, grad_offsets, layer_rows)], dtype=torch.int64, device=device)
-    return addressing, token_table, layer_table, _row_alignment(layers, offsets, token_rows, layers[0].stride(2))
+@functools.lru_cache(maxsize=None)
+def _device_caches(device) -> tuple[int, int]:
+    properties = torch.cuda.get_device_properties(device)
+    return properties.multi_processor_count, int(getattr(properties, "L2_cache_size", 40 * 2**20))
+
+
+def forward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int, acc_size: int) -> int:
+    """A forward program's per-sample working set: the scratch slot (GATHERED) and the pooled
+    rows it accumulates into."""
+    return (num_tokens * dim * acc_size if addressing == GATHERED else 0) + heads * dim * acc_size
+
+
+def backward_sample_bytes(addressing: int, num_tokens: int, dim: int, heads: int, acc_size: int,
+                          token_size: int) -> int:
+    """A backward program's: the sample's tokens (pass 2 reads them again: GATHERED, from the
+    scratch slot, which holds their gradient too), g and the dw partial."""
+    tokens = 2 * num_tokens * dim * acc_size if addressing == GATHERED else num_tokens * dim * token_size
+    return tokens + 2 * heads * dim * acc_size
+
+
+def _launch_plan(layers, tokens, num_prefix_tokens):
+    """(plan, token table, layer table) for these layers: no host-to-device copy once the
+    layout has been seen (the tables are cached per layout), no read of any address."""
+    first = layers[0]
+    launch = plan([tuple(layer.shape) for layer in layers], [tuple(layer.stride()) for layer in layers],
+                  first.element_size(), tokens, num_prefix_tokens)
+    if launch.layout is None:  # AFFINE: row b * stride_b + n * stride_t; no table (the
+        token_table = layer_table = first  # kernel never reads this pointer argument)
+    else:
+        token_table, layer_table = _device_tables(launch.layout, first.device, _tracing(first))
+    return launch, token_table, layer_table
+
+
+def _slot_row(dim: int) -> int:
+    """The scratch slots' row stride: D rounded up to 16 elements (kernels/triton/tokens.py)."""
+    return -(-dim // 16) * 16
 
 
 def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
@@ -187,15 +268,19 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps):
     rstd = first.new_empty((batch, num_tokens), dtype=acc)
     if batch == 0 or num_tokens == 0 or dim == 0:
         return pooled.zero_(), attention, mean, rstd
-    addressing, token_table, layer_table, row_align = _tables(layers, None, tokens, num_prefix_tokens)
+    launch, token_table, _ = _launch_plan(layers, tokens, num_prefix_tokens)
+    addressing = launch.addressing
     # Only the gathered form has per-program scratch; the others take one program per sample.
-    programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None)
-    scratch = first.new_empty((programs, num_tokens, dim) if addressing == GATHERED else (1,), dtype=acc)
+    programs = _programs(batch, first.device, FORWARD_PROGRAMS_PER_SM if addressing == GATHERED else None,
+                         forward_sample_bytes(addressing, num_tokens, dim, heads, pooled.element_size()))
+    scratch = first.new_empty((programs, num_tokens, _slot_row(dim)) if addressing == GATHERED else (1,), dtype=acc)
+    softmax_state = first.new_empty((programs, 2, heads), dtype=acc)  # running max and sum
     kernel = _kernels()[0]
-    kernel[(programs,)](
-        first, token_table, layer_table, score_weight, scratch, pooled, attention, mean, rstd,
+    torch.library.wrap_triton(kernel)[(programs,)](
+        tuple(layers), token_table, score_weight, scratch, softmax_state, pooled, attention, mean, rstd,
         batch, num_tokens, dim, heads, first.stride(0), first.stride(1), stride_d, eps,
-        ADDRESSING=addressing, ROW_ALIGN=row_align, **_dot_options(first.dtype))
+        launch.batch_bucket, TOKEN_DTYPE=str(first.dtype).removeprefix("torch."),
+        ADDRESSING=addressing, ROW_ALIGN=launch.row_align, **_dot_options(first.dtype))
     return pooled, attention, mean, rstd
 
 
@@ -207,17 +292,24 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     heads = score_weight.shape[0]
     num_tokens = attention.shape[-1]
     acc = compute_dtype(first.dtype)
-    # "cls" writes row 0 of each layer only; every other spec writes every row.
-    allocate = torch.zeros if tokens == "cls" and layers_need_grad else torch.empty
-    grads = [allocate(layer.shape, dtype=layer.dtype, device=layer.device) for layer in layers]
+    if layers_need_grad:
+        # "cls" writes row 0 of each layer only; every other spec writes every row.
+        allocate = torch.zeros if tokens == "cls" else torch.empty
+        grads = [allocate(layer.shape, dtype=layer.dtype, device=layer.device) for layer in layers]
+    else:  # frozen features: the kernel writes no gradient (NEED_DX false), none is allocated
+        grads = []
     if batch == 0 or num_tokens == 0 or dim == 0:
-        return [grad.zero_() for grad in grads] if layers_need_grad else [], torch.zeros_like(score_weight)
+        return [grad.zero_() for grad in grads], torch.zeros_like(score_weight)
     weight = score_weight.to(acc).contiguous()
-    addressing, token_table, layer_table, row_align = _tables(layers, grads, tokens, num_prefix_tokens)
-    programs = _programs(batch, first.device, BACKWARD_PROGRAMS_PER_SM)
+    launch, token_table, layer_table = _launch_plan(layers, tokens, num_prefix_tokens)
+    addressing = launch.addressing
+    programs = _programs(batch, first.device, BACKWARD_PROGRAMS_PER_SM,
+                         backward_sample_bytes(addressing, num_tokens, dim, heads, weight.element_size(),
+                                               first.element_size()))
     options = dict(dtype=acc, device=first.device)
     grad_weight = torch.zeros((programs, heads, dim), **options)
-    token_scratch = torch.empty((programs, 2, num_tokens, dim) if addressing == GATHERED else (1,), **options)
+    token_scratch = torch.empty((programs, 2, num_tokens, _slot_row(dim)) if addressing == GATHERED else (1,),
+                                **options)
     head_scratch = torch.empty((programs, 2, heads, num_tokens), **options)
     row_scratch = torch.empty((programs, 2, num_tokens), **options)
     grad_pooled = grad_pooled.to(acc).contiguous()
@@ -225,26 +317,36 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     if grad_attention is not None:
         grad_attention = grad_attention.to(acc).contiguous()
     kernel = _kernels()[1]
-    kernel[(programs,)](
-        first, token_table, layer_table, weight, grad_pooled,
+    torch.library.wrap_triton(kernel)[(programs,)](
+        tuple(layers), token_table, layer_table, weight, grad_pooled,
         attention if grad_attention is None else grad_attention,
         attention, mean, rstd,
-        grads[0], grad_weight, token_scratch, head_scratch, row_scratch,
-        batch, num_tokens, dim, heads, len(layers), num_prefix_tokens,
-        first.stride(0), first.stride(1), stride_d,
+        # Frozen features: the layers stand in for the gradients (same dtype), never written.
+        tuple(grads) if layers_need_grad else tuple(layers),
+        grad_weight, token_scratch, head_scratch, row_scratch,
+        batch, num_tokens, dim, heads, num_prefix_tokens,
+        first.stride(0), first.stride(1), stride_d, launch.batch_bucket,
+        TOKEN_DTYPE=str(first.dtype).removeprefix("torch."),
         ADDRESSING=addressing, HAS_GRAD_ATTENTION=grad_attention is not None,
-        ROW_ALIGN=row_align, NEED_DX=layers_need_grad, **_dot_options(first.dtype))
-    # Per-program partials summed in a fixed order: deterministic. Frozen features
-    # (layers_need_grad false): the kernel computes dw only and the unwritten grads are dropped.
-    return grads if layers_need_grad else [], grad_weight.sum(dim=0).to(score_weight.dtype)
+        ROW_ALIGN=launch.row_align, GRAD_ALIGN=launch.grad_align, NEED_DX=layers_need_grad,
+        **_dot_options(first.dtype))
+    # Per-program partials summed in a fixed order: deterministic.
+    return grads, grad_weight.sum(dim=0).to(score_weight.dtype)
 
 
-def forward(layers, score_weight, tokens, num_prefix_tokens, eps):
+def forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
+    _check_layernorm(normalize)
     return _forward(list(layers), score_weight, tokens, num_prefix_tokens, eps)
 
 
+def _check_layernorm(normalize):
+    if normalize != "layernorm":
+        raise NotImplementedError(f"the triton backend does not support normalize={normalize!r} yet")
+
+
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
-             tokens, num_prefix_tokens, layers_need_grad=True):
+             tokens, num_prefix_tokens, layers_need_grad=True, normalize="layernorm"):
+    _check_layernorm(normalize)
     grad_layers, grad_weight = _backward(grad_pooled, grad_attention, list(layers), score_weight,
                                          pooled, attention, mean, rstd, tokens, num_prefix_tokens,
                                          layers_need_grad)
@@ -252,4 +354,4 @@ def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attentio
 
 
 BACKEND = Backend("triton", ("cuda", "cpu") if _interpreting() else ("cuda",), _availability,
-                  forward, backward)
+                  forward, backward, normalizations=("layernorm",))

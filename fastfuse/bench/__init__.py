@@ -10,13 +10,15 @@ from __future__ import annotations
 import sys
 import time
 
+from ..argtypes import positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="smaller batches, 3 repeats, memory of one case (~3 min on 2 cores)")
+                        help="smaller batches, 3 repeats, memory of one case")
     parser.add_argument("--json", metavar="FILE", help="write machine, cases and records to FILE")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (3 / 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds per case (3 / 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--system-allocator", action="store_true",
                         help="keep glibc's default malloc thresholds (see ALLOCATOR_ENV)")
@@ -26,6 +28,12 @@ def add_arguments(parser) -> None:
                         help="train and/or infer, comma-separated (default both; --scaling: train)")
     parser.add_argument("--scaling", action="store_true",
                         help="sweep N, B and D instead of the table")
+    parser.add_argument("--traffic", action="store_true",
+                        help="print the Triton launches' modelled memory traffic (bench/traffic.py) and exit")
+    parser.add_argument("--gpu-shapes", action="store_true",
+                        help="add issue 15's GPU shapes (cases.GPU_CASES) to the table")
+    parser.add_argument("--gpu-model", default="h100", choices=("h100", "a100"),
+                        help="--traffic: the GPU whose SM count and L2 size the model uses")
     parser.add_argument("--plots", metavar="DIR",
                         help="write the scaling plots (PNG) to DIR; implies --scaling")
 
@@ -61,6 +69,11 @@ def _reexec_with_allocator_env(args) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "traffic", False):
+        from .traffic import GPUS, print_report
+
+        print_report(GPUS[args.gpu_model])
+        return 0
     _reexec_with_allocator_env(args)
     import torch
 
@@ -70,6 +83,13 @@ def run(args) -> int:
     from .runner import MODES, run_cases
 
     started = time.perf_counter()
+    if args.json:  # before the run, not after it
+        from ..storage import check_writable
+        try:
+            check_writable(args.json, what="--json file")
+        except OSError as error:
+            print(f"fastfuse bench: {error}", file=sys.stderr)
+            return 2
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA GPU is visible here", file=sys.stderr)
@@ -84,6 +104,8 @@ def run(args) -> int:
         cases = [case for sweep in sweeps.values() for case in sweep]
     else:
         cases = list(case_lists.table_cases(args.quick))
+        if getattr(args, "gpu_shapes", False):
+            cases += list(case_lists.GPU_CASES)
         wanted = _subset("cases", args.cases, [case.name for case in cases])
         cases = [case for case in cases if wanted is None or case.name in wanted]
     if args.no_memory or scaling:

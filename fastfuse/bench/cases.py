@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..composed_head import composed_is_cheaper
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -20,11 +22,18 @@ class Case:
     def head_dim(self) -> int:
         return 2 * (self.dim // self.heads)
 
-    def folded_flops(self, mode: str) -> float:
-        """FLOPs of the folded probe (SPEC §2); training counts forward + backward (~3x)."""
-        per_sample = (4 * self.num_tokens * self.dim * self.heads            # scores + weighted sum
-                      + 4 * self.dim * self.heads * self.head_dim             # W_v and W_o
-                      + 2 * self.dim * self.classes)
+    def folded_flops(self, mode: str, composed_head: bool = True) -> float:
+        """FLOPs of the folded probe (SPEC §2); training counts forward + backward (~3x).
+
+        Inference counts the cheaper of the head after the pooling (W_v, W_o, classifier) and
+        the composed eval-mode map (C x H*D, fastfuse/composed_head.py), as AttentiveFusion
+        does (``composed_head=False``: always the former).
+        """
+        head = 4 * self.dim * self.heads * self.head_dim + 2 * self.dim * self.classes   # W_v, W_o, W_c
+        if (composed_head and mode != "train"
+                and composed_is_cheaper(self.classes, self.heads, self.head_dim, self.dim)):
+            head = 2 * self.classes * self.heads * self.dim
+        per_sample = 4 * self.num_tokens * self.dim * self.heads + head      # scores + weighted sum
         passes = 3 if mode == "train" else 1
         gather = self.layers * self.layer_tokens * self.dim  # one add per activation (AP means)
         return (per_sample * passes + gather) * self.batch
@@ -32,7 +41,7 @@ class Case:
     def paper_flops(self, mode: str) -> float:
         """FLOPs of the paper's unfused probe: the K and V projections of every token dominate."""
         per_sample = 4 * self.num_tokens * self.dim * self.heads * self.head_dim
-        return per_sample * self.batch * (3 if mode == "train" else 1) + self.folded_flops(mode)
+        return per_sample * self.batch * (3 if mode == "train" else 1) + self.folded_flops(mode, composed_head=False)
 
     def input_bytes(self, itemsize: int = 4) -> float:
         """Bytes of the tokens the probe reads (the layer activations for a gathering case)."""
@@ -58,11 +67,21 @@ FULL_CASES = (
     Case("vitb-all-n197", 256, 197, 768, 12),                 # all tokens of one layer
     Case("vitb-all-layers-n2364", 16, 12 * 197, 768, 12),     # all tokens of all 12 layers
     Case("vitb-gather-cls+ap", 128, 24, 768, 12, layers=12, layer_tokens=197, tokens_spec="cls+ap"),
+    Case("vitb-video-n1568", 16, 1568, 768, 12),              # video-like: V-JEPA's 16x224 clips, 8x14x14 tubelets
+)
+
+# The GPU shapes of issue 15 (bench --gpu-shapes; scripts/gpu_check.sh): (a) CLS+AP of 12 ViT-B
+# layers, (b) the same for 16 probes x 12 heads in lockstep, (c) all tokens of one layer.
+GPU_CASES = (
+    Case("gpu-a-gather-h12", 2048, 24, 768, 12, layers=12, layer_tokens=197, tokens_spec="cls+ap"),
+    Case("gpu-b-gather-h192", 2048, 24, 768, 192, layers=12, layer_tokens=197, tokens_spec="cls+ap"),
+    Case("gpu-c-all-n197", 256, 197, 768, 12),
 )
 
 # --quick: the same cases at these batches (about 1/4 to 1/8 of the full ones).
 QUICK_BATCH = {"vits-cls+ap-n24": 256, "vitb-cls+ap-n24": 256, "vitl-cls+ap-n48": 64,
-               "vitb-all-n197": 32, "vitb-all-layers-n2364": 4, "vitb-gather-cls+ap": 32}
+               "vitb-all-n197": 32, "vitb-all-layers-n2364": 4, "vitb-gather-cls+ap": 32,
+               "vitb-video-n1568": 4}
 QUICK_CASES = tuple(dataclasses.replace(case, batch=QUICK_BATCH[case.name]) for case in FULL_CASES)
 
 # --quick measures peak memory only for this case (one fresh process per implementation).

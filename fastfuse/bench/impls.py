@@ -61,10 +61,11 @@ def _paper(case: Case) -> torch.nn.Module:
 
 register(Impl("paper", _paper, _always))
 register(Impl("paper+torch.compile", _paper, peers.compile_unavailable_reason, compiles=True))
-register(Impl("timm.AttentionPoolLatent",
-              lambda case: peers.LatentPoolProbe(case.dim, case.heads, case.classes),
-              lambda device: peers.timm_unavailable_reason()))
-register(Impl("ep", lambda case: peers.EfficientProbe(case.dim, case.heads, case.classes), _always))
+for _name, (_build, _source) in peers.POOLERS.items():
+    _why_not = (lambda device: peers.timm_unavailable_reason()) if _name.startswith("timm") else _always
+    register(Impl(_name, lambda case, build=_build: build(case.dim, case.heads, case.classes), _why_not))
+    register(Impl(f"{_name}+fuse",
+                  lambda case, build=_build: peers.fused(build(case.dim, case.heads, case.classes)), _why_not))
 for _backend in ("torch", "cpu", "triton", "cuda"):
     register(Impl(f"fastfuse-{_backend}",
                   lambda case, backend=_backend: AttentiveFusion(case.dim, case.heads, case.classes,

@@ -1,9 +1,9 @@
 """The peers fastfuse is measured against (besides the paper's probe itself).
 
-    timm.AttentionPoolLatent   timm's latent-query attention pooling (K/V projections of every
-                               token, SDPA), one latent query, then the paper's BN + classifier
-    ep                         efficient-probing style pooling: learned queries score the
-                               LayerNorm'd tokens directly, no K/V projections, linear head
+    timm.AttentionPoolLatent, vjepa, aim, ep
+                               the field's attentive poolers as upstream computes them (K/V
+                               projections of every token), each with "<name>+fuse": the same
+                               module through fastfuse.fuse (see docs/poolers.md)
     torch.compile              any of the above (the paper's probe here) through inductor
 """
 from __future__ import annotations
@@ -14,42 +14,51 @@ import torch
 from torch import nn
 
 
-class EfficientProbe(nn.Module):
-    """Multi-query pooling without key/value projections, then a linear head.
-
-    ``num_queries`` learned queries q_m attend over the normalised tokens xh = LN(x):
-    a_mn = softmax_n(q_m . xh_n / sqrt(D)), z_m = sum_n a_mn xh_n; the query outputs are averaged
-    and classified: logits = W (mean_m z_m) + b.
-    """
-
-    def __init__(self, dim: int, num_queries: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
-        self.classifier = nn.Linear(dim, num_classes)
-        self.scale = dim ** -0.5
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        normed = self.norm(tokens)                                             # (B, N, D)
-        scores = torch.einsum("md,bnd->bmn", self.queries * self.scale, normed)
-        pooled = torch.einsum("bmn,bnd->bmd", scores.softmax(dim=-1), normed)  # (B, M, D)
-        return self.classifier(pooled.mean(dim=1))
+def _with_head(pooler: nn.Module, features: int, num_classes: int) -> nn.Module:
+    # A pooler that returns features gets a Linear head, as in a timm ViT or an EP probe.
+    return nn.Sequential(pooler, nn.Linear(features, num_classes))
 
 
-class LatentPoolProbe(nn.Module):
-    """timm's AttentionPoolLatent (width D, H heads, one latent query; timm's defaults otherwise:
-    qkv_bias, head size D/H, output projection and MLP), then BatchNorm + classifier."""
+# pooler name -> (build the upstream module for (dim, heads, classes), where it comes from).
+# fastfuse.fuse(module) is its folded twin; see docs/poolers.md.
+def _timm_map(dim, heads, classes):
+    from timm.layers import AttentionPoolLatent
 
-    def __init__(self, dim: int, num_heads: int, num_classes: int):
-        super().__init__()
-        from timm.layers import AttentionPoolLatent
+    return _with_head(AttentionPoolLatent(dim, num_heads=heads, norm_layer=nn.LayerNorm), dim, classes)
 
-        self.pool = AttentionPoolLatent(dim, num_heads=num_heads, latent_len=1)
-        self.bn = nn.BatchNorm1d(dim)
-        self.classifier = nn.Linear(dim, num_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.bn(self.pool(tokens)))
+def _vjepa(dim, heads, classes):
+    from ..poolers.reference import AttentiveClassifier
+
+    return AttentiveClassifier(embed_dim=dim, num_heads=heads, num_classes=classes)
+
+
+def _aim(dim, heads, classes):
+    from ..poolers.reference import AttentionPoolingClassifier
+
+    return AttentionPoolingClassifier(dim, classes, num_heads=heads)
+
+
+def _ep(dim, heads, classes):
+    from ..poolers.reference import EfficientProbing
+
+    # Upstream's defaults: one head, 32 queries (fewer when 32 does not divide dim), d_out=1.
+    queries = next(count for count in (32, 16, 8, 4, 2, 1) if dim % count == 0)
+    return _with_head(EfficientProbing(dim, num_queries=queries), dim, classes)
+
+
+POOLERS = {
+    "timm.AttentionPoolLatent": (_timm_map, "timm, timm/layers/attention_pool.py (+ Linear head)"),
+    "vjepa": (_vjepa, "V-JEPA AttentiveClassifier (fastfuse.poolers.reference)"),
+    "aim": (_aim, "AIM AttentionPoolingClassifier (fastfuse.poolers.reference)"),
+    "ep": (_ep, "efficient probing EfficientProbing (fastfuse.poolers.reference) + Linear head"),
+}
+
+
+def fused(module: nn.Module, backend=None) -> nn.Module:
+    from ..poolers import fuse
+
+    return fuse(module, backend=backend)
 
 
 def timm_unavailable_reason() -> str | None:

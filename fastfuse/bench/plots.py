@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from .. import storage
 from .cases import AXIS_LABEL
 
 
@@ -47,7 +48,7 @@ def plot_scaling(records: list[dict], cases: dict[str, dict], sweeps: dict[str, 
             ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
             fig.tight_layout()
             path = os.path.join(directory, f"scaling_{AXIS_LABEL[axis]}_{mode}.png")
-            fig.savefig(path, dpi=120)
+            storage.save_figure(fig, path, dpi=120)
             plt.close(fig)
             paths.append(path)
     return paths

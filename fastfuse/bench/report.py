@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import sys
 
 import torch
+
+from .. import storage
 
 
 def machine_info(device: str, machine, quick: bool) -> dict:
@@ -60,8 +61,7 @@ def write_json(path: str, machine: dict, cases, records: list[dict], wall_s: flo
     payload = {"machine": machine, "cases": case_shapes(cases), "records": records}
     if sweeps is not None:
         payload["sweeps"] = sweeps
-    with open(path, "w") as out:
-        json.dump(payload, out, indent=2)
+    storage.write_json(path, storage.without_nonfinite(payload), indent=2)
     print(f"wrote {path}")
 
 

@@ -4,8 +4,9 @@
     results = run_sweep("features/", SweepGrid(lr=[1e-4, 1e-3], wd=[1e-6, 1e-4, 1e-2], seed=[0, 1]),
                         num_heads=12, epochs=10, batch_size=256, out="sweep_out")
 
-Modules: grid (configurations, weight-decay search), stacked (P probes, stacked parameters),
-projections (their batched value/output/key products, hand-written backward), optim (per-probe
+Modules: grid (configurations, weight-decay search), stacked (P probes, stacked parameters;
+their value/output/key products with a hand-written backward live in fastfuse/projections.py,
+shared with AttentiveFusion), optim (per-probe
 AdamW, schedule), data (cached splits, batches, metrics), train (epoch loop), results (files,
 table, heatmaps), distributed (torchrun), runner (run_sweep), cli, paper_reference (the paper's
 probe one configuration at a time, for timing), demo (``python -m fastfuse.sweep.demo``).

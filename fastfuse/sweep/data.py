@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..features import load_features, load_metadata
+from ..features import apply_nonfinite_policy, load_features, load_metadata, num_classes_of
 
 SPLITS = ("train", "val", "test")
 
@@ -93,23 +93,35 @@ class SweepData:
 
 
 def from_tensors(train, val, test, *, meta: Optional[dict] = None,
-                 num_classes: Optional[int] = None) -> SweepData:
-    """SweepData from in-memory (features, labels) pairs, e.g. for tests."""
-    splits = {name: Split(torch.as_tensor(pair[0]), torch.as_tensor(pair[1]).to(torch.int64))
-              for name, pair in zip(SPLITS, (train, val, test))}
+                 num_classes: Optional[int] = None, nonfinite: str = "raise") -> SweepData:
+    """SweepData from in-memory (features, labels) pairs, e.g. for tests.
+
+    ``nonfinite``: what to do with samples holding NaN/infinity ('raise', 'drop', 'keep'; see
+    :func:`fastfuse.features.load_features`)."""
+    splits = {}
+    for name, pair in zip(SPLITS, (train, val, test)):
+        labels = torch.as_tensor(pair[1])
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"split {name!r}: labels must be integers (class indices), got {labels.dtype}")
+        features, labels = apply_nonfinite_policy(torch.as_tensor(pair[0]), labels.to(torch.int64),
+                                                  nonfinite, f"split {name!r}")
+        splits[name] = Split(features, labels)
     return _finish(splits, dict(meta or {}), num_classes, None)
 
 
-def load_sweep_data(directory) -> SweepData:
-    """The train, val and test splits of a feature cache written by save_features / extract."""
+def load_sweep_data(directory, *, nonfinite: str = "raise") -> SweepData:
+    """The train, val and test splits of a feature cache written by save_features / extract.
+
+    Every file is validated and the features are checked once for non-finite values
+    (``nonfinite``: 'raise', 'drop' or 'keep', see :func:`fastfuse.features.load_features`)."""
     directory = Path(directory)
     splits, meta = {}, {}
     for name in SPLITS:
-        features, labels = load_features(directory, name)
+        features, labels = load_features(directory, name, nonfinite=nonfinite)
         splits[name] = Split(features, labels)
         if not meta:
             meta = load_metadata(directory, name)
-    return _finish(splits, meta, meta.get("num_classes"), str(directory))
+    return _finish(splits, meta, num_classes_of(meta), str(directory))
 
 
 def _finish(splits: dict, meta: dict, num_classes: Optional[int], directory) -> SweepData:
@@ -125,9 +137,19 @@ def _finish(splits: dict, meta: dict, num_classes: Optional[int], directory) -> 
         if split.labels.numel() and split.labels.min() < 0:
             raise ValueError(f"split {name!r} has negative labels")
     seen = max(int(split.labels.max()) + 1 for split in splits.values() if split.labels.numel())
+    total = sum(len(split) for split in splits.values())
+    if num_classes is None and seen > total:
+        # Labels are class indices 0..C-1; a label far above the sample count is not one (and
+        # would size every one-hot and classifier by it).
+        raise ValueError(f"labels go up to {seen - 1} but the splits hold only {total} samples: labels must "
+                         "be class indices 0..C-1 (record 'num_classes' in the metadata if that is intended)")
     num_classes = seen if num_classes is None else int(num_classes)
     if num_classes < seen:
         raise ValueError(f"metadata says num_classes={num_classes} but labels go up to {seen - 1}")
+    present = torch.unique(splits["train"].labels).numel() if "train" in splits else 0
+    if num_classes < 2 or present < 2:
+        raise ValueError(f"a probe needs at least 2 classes to tell apart; the train split holds "
+                         f"{present} distinct label(s) (num_classes={num_classes})")
     layout = TokenLayout.from_meta(meta, next(iter(shapes.values()))[0])
     return SweepData(splits, num_classes, layout, meta, directory)
 

@@ -53,8 +53,15 @@ def _floats(values, name: str, *, positive: bool) -> tuple[float, ...]:
     return _no_repeats(result, name)
 
 
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # torch.manual_seed and the checkpoints keep seeds as int64
+
+
 def _ints(values, name: str) -> tuple[int, ...]:
-    return _no_repeats(_values(values, name, int, int, "0,1", "integers"), name)
+    result = _values(values, name, int, int, "0,1", "integers")
+    for value in result:
+        if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise ValueError(f"{name} values must be 64-bit integers (in [-2**63, 2**63 - 1]), got {value}")
+    return _no_repeats(result, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +114,18 @@ def config_scores(rows: Sequence[Mapping], key: str = "best_val_acc") -> dict[tu
     return {config: sum(values) / len(values) for config, values in sums.items()}
 
 
+def eligible(rows: Sequence[Mapping]) -> list:
+    """The rows of the configurations (lr, wd) where no seed diverged: only those can be best."""
+    diverged = {(row["lr"], row["wd"]) for row in rows if row.get("diverged")}
+    return [row for row in rows if (row["lr"], row["wd"]) not in diverged]
+
+
 def best_config(rows: Sequence[Mapping]) -> tuple[float, float]:
-    """(lr, wd) with the highest mean best validation accuracy; ties go to the earlier one."""
-    scores = config_scores(rows)
+    """(lr, wd) with the highest mean best validation accuracy among those that did not diverge;
+    ties go to the earlier one."""
+    scores = config_scores(eligible(rows))
     if not scores:
-        raise ValueError("no results to choose from")
+        raise ValueError("no results to choose from (every configuration diverged)")
     return max(scores, key=lambda config: scores[config])  # max keeps the first of equal scores
 
 
@@ -143,8 +157,11 @@ def next_search_round(rows: Sequence[Mapping], seeds: Sequence[int], round: int,
                       ) -> Optional[list[ProbeConfig]]:
     """The configurations of the next weight-decay search round, or None when the search is over.
 
-    The search refines around the best (lr, wd) so far, at that learning rate, with every seed.
+    The search refines around the best (lr, wd) so far, at that learning rate, with every seed;
+    it ends when every configuration diverged.
     """
+    if not eligible(rows):
+        return None
     lr, wd = best_config(rows)
     tried = [row["wd"] for row in rows if row["lr"] == lr]
     new = refine_weight_decays(tried, wd, min_step)

@@ -114,6 +114,20 @@ class StackedAdamW:
                 "betas": self.betas, "eps": self.eps, "exp_avg": [t.clone() for t in self.exp_avg],
                 "exp_avg_sq": [t.clone() for t in self.exp_avg_sq]}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` (a resumed sweep continues bit for bit)."""
+        if (len(state["exp_avg"]) != len(self.exp_avg)
+                or not torch.equal(state["lr"], self.base_lr)
+                or not torch.equal(state["weight_decay"], self.weight_decay)):
+            raise ValueError("optimizer state belongs to other parameters or hyper-parameters")
+        for target, source in zip(self.exp_avg + self.exp_avg_sq, list(state["exp_avg"]) + list(state["exp_avg_sq"])):
+            if target.shape != source.shape:
+                raise ValueError(f"optimizer state of shape {tuple(source.shape)} for a parameter of "
+                                 f"shape {tuple(target.shape)}")
+            target.copy_(source)
+        self.step_count = int(state["step"])
+        self._step_tensor.fill_(float(self.step_count))
+
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
     """lr factor at optimizer step ``step`` (0-based): linear warmup to 1, then cosine to 0."""

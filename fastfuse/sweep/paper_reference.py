@@ -3,8 +3,10 @@
 Each configuration trains a :class:`fastfuse.paper.PaperAttentiveProbe` (unfused, SPEC §1)
 initialised exactly as the sweep's probe of that seed, with ``torch.optim.AdamW`` and everything
 else as :func:`fastfuse.sweep.train.train_group` does it: the same minibatches, schedule,
-class-weighted loss and per-epoch val/test evaluation. Used by the demo and the benchmark to
-measure (never estimate) the time a sweep saves.
+class-weighted loss and per-epoch val/test evaluation. The epoch loop and the best-epoch choice
+are the sweep's own (:func:`~fastfuse.sweep.train.run_epochs`, :class:`~fastfuse.sweep.train.BestEpochs`);
+only the probe and its optimizer differ. Used by the demo and the benchmark to measure (never
+estimate) the time a sweep saves.
 """
 from __future__ import annotations
 
@@ -15,11 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..paper import PaperAttentiveProbe
-from .data import SweepData, balanced_accuracy, batch_indices, steps_per_epoch
+from .data import SweepData, balanced_accuracy
 from .grid import ProbeConfig
-from .optim import cosine_with_warmup
 from .stacked import build_probe
-from .train import TrainSettings
+from .train import BestEpochs, TrainSettings, run_epochs
 
 
 @torch.no_grad()
@@ -42,8 +43,6 @@ def train_paper_probes(data: SweepData, configs: Sequence[ProbeConfig], settings
     """
     start = time.perf_counter()
     train, class_weight = data.splits["train"], data.class_weights().to(settings.device)
-    steps = steps_per_epoch(len(train), settings.batch_size)
-    total_steps, warmup_steps = steps * settings.epochs, round(settings.warmup_epochs * steps)
     rows = []
     for config in configs:
         reference = build_probe(config.seed, data.dim, settings.num_heads, data.num_classes,
@@ -56,25 +55,27 @@ def train_paper_probes(data: SweepData, configs: Sequence[ProbeConfig], settings
                                       betas=settings.betas, eps=settings.eps, fused=fused_adamw or None)
         row = {"index": config.index, "lr": config.lr, "wd": config.wd, "seed": config.seed,
                "train_loss": [], "val_acc": [], "test_acc_per_epoch": []}
-        step = 0
-        for epoch in range(settings.epochs):
-            probe.train()
-            loss_sum, batches = 0.0, batch_indices(len(train), settings.batch_size, settings.data_seed, epoch)
-            for indices in batches:
-                tokens, labels = train.batch(indices, settings.device)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * cosine_with_warmup(step, total_steps, warmup_steps)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(probe(tokens), labels, weight=class_weight)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item()
-                step += 1
-            row["train_loss"].append(loss_sum / len(batches))
-            row["val_acc"].append(_accuracy(probe, data, "val", settings))
-            row["test_acc_per_epoch"].append(_accuracy(probe, data, "test", settings))
-        best_epoch = row["val_acc"].index(max(row["val_acc"]))  # the first epoch reaching the best
-        row.update(best_val_acc=row["val_acc"][best_epoch], best_epoch=best_epoch + 1,
-                   test_acc=row["test_acc_per_epoch"][best_epoch])
+        best = BestEpochs(1)
+
+        def train_step(tokens, labels, factor):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * factor
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(probe(tokens), labels, weight=class_weight)
+            loss.backward()
+            optimizer.step()
+            return torch.tensor([loss.item()], dtype=torch.float64)
+
+        def end_epoch(epoch, mean_losses):
+            val_acc = _accuracy(probe, data, "val", settings)
+            test_acc = _accuracy(probe, data, "test", settings)
+            row["train_loss"].append(float(mean_losses[0]))
+            row["val_acc"].append(val_acc)
+            row["test_acc_per_epoch"].append(test_acc)
+            best.update(epoch, [val_acc], [test_acc], mean_losses)
+
+        run_epochs(train, settings, begin_epoch=probe.train, train_step=train_step, end_epoch=end_epoch)
+        row.update(best_val_acc=best.val[0], best_epoch=best.epoch[0], test_acc=best.test[0],
+                   diverged=best.diverged_epoch[0] is not None, diverged_epoch=best.diverged_epoch[0])
         rows.append(row)
     return time.perf_counter() - start, rows

@@ -4,6 +4,11 @@
     OUT/results.csv        one row per probe (AttentiveFusion and baselines), same fields
     OUT/attention.png      the best probe's mean test attention per head, layers x (CLS, AP)
     OUT/best_probe.pt      the best probe's state_dict at its best epoch, the paper's keys
+
+Every file is written atomically (``fastfuse.storage``), results.json last: it is the index of
+the others. JSON is strict: a non-finite number (the loss of a diverged probe) is written as null.
+A configuration where any seed diverged is marked so and never chosen as the best; when every
+configuration diverged, "best" is null and no checkpoint or heatmap is written.
 """
 from __future__ import annotations
 
@@ -16,10 +21,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from .grid import config_scores
+from .. import storage
+from .grid import config_scores, eligible
 
 CSV_FIELDS = ("model", "index", "lr", "wd", "seed", "round", "best_val_acc", "best_epoch", "test_acc",
-              "seconds", "group_size", "val_acc", "test_acc_per_epoch", "train_loss")
+              "diverged", "diverged_epoch", "seconds", "group_size", "val_acc", "test_acc_per_epoch",
+              "train_loss")
 MODEL_TITLES = {
     "attentive": "AttentiveFusion, all layers",
     "last_cls": "linear, last layer CLS",
@@ -27,6 +34,15 @@ MODEL_TITLES = {
 }
 CHECKPOINT = "best_probe.pt"
 HEATMAP = "attention.png"
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+# What one sweep writes into its --out (--overwrite removes exactly these).
+OUTPUTS = (RESULTS_JSON, RESULTS_CSV, HEATMAP, CHECKPOINT)
+
+
+def strict(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity)."""
+    return storage.without_nonfinite(value)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -44,13 +60,17 @@ def config_table(rows: Sequence[dict]) -> list[dict]:
         test_mean, test_std = _mean_std([row["test_acc"] for row in members])
         table.append({"lr": lr, "wd": wd, "seeds": [row["seed"] for row in members],
                       "val_acc": val_mean, "val_acc_std": val_std, "test_acc": test_mean,
-                      "test_acc_std": test_std})
+                      "test_acc_std": test_std, "diverged": any(row.get("diverged") for row in members)})
     return table
 
 
-def choose_best(rows: Sequence[dict]) -> dict:
+def choose_best(rows: Sequence[dict]) -> Optional[dict]:
     """The configuration with the best mean val accuracy over seeds, reported on test; and, within
-    it, the single best probe (highest val, ties to the earlier index), whose weights are saved."""
+    it, the single best probe (highest val, ties to the earlier index), whose weights are saved.
+    Configurations where a seed diverged are never chosen; None when all of them diverged."""
+    rows = eligible(rows)
+    if not rows:
+        return None
     table = config_table(rows)
     top = max(table, key=lambda entry: entry["val_acc"])  # first of equals
     members = sorted((row for row in rows if row["lr"] == top["lr"] and row["wd"] == top["wd"]),
@@ -67,8 +87,9 @@ def assemble(rows: dict, *, probe_kwargs: dict, settings: dict, grid: dict, meta
 
     attentive = sorted(rows[ATTENTIVE], key=lambda row: row["index"])
     best = choose_best(attentive)
-    attention = next(row["mean_attention"] for row in attentive if row["index"] == best["probe_index"])
-    best.update(mean_attention=attention, token_names=token_names, probe=probe_kwargs, checkpoint=CHECKPOINT)
+    if best is not None:
+        attention = next(row["mean_attention"] for row in attentive if row["index"] == best["probe_index"])
+        best.update(mean_attention=attention, token_names=token_names, probe=probe_kwargs, checkpoint=CHECKPOINT)
     results = {
         "probes": [{key: value for key, value in row.items() if key != "mean_attention"} for row in attentive],
         "baselines": {},
@@ -98,9 +119,9 @@ def csv_text(results: dict) -> str:
     groups += [(name, entry["probes"]) for name, entry in results["baselines"].items()]
     for model, rows in groups:
         for row in rows:
-            record = dict(row, model=model)
+            record = dict(strict(row), model=model)
             for key in ("val_acc", "test_acc_per_epoch", "train_loss"):
-                record[key] = json.dumps(row[key])
+                record[key] = json.dumps(record[key], allow_nan=False)
             writer.writerow(record)
     return buffer.getvalue()
 
@@ -108,6 +129,8 @@ def csv_text(results: dict) -> str:
 def format_table(results: dict) -> str:
     """The summary: each model's best configuration (chosen on val), val and test accuracy."""
     def line(title, entry):
+        if entry is None:
+            return f"{title:<30} every configuration diverged"
         test = f"{entry['test_acc']:.4f}"
         if len(entry["seeds"]) > 1:
             test += f" ± {entry['test_acc_std']:.4f}"
@@ -118,6 +141,9 @@ def format_table(results: dict) -> str:
     for name, entry in results["baselines"].items():
         lines.append(line(MODEL_TITLES.get(name, name), entry["best"]))
     lines.append(line(MODEL_TITLES["attentive"], results["best"]))
+    diverged = [row["index"] for row in results["probes"] if row.get("diverged")]
+    if diverged:
+        lines.append(f"diverged (non-finite loss; never chosen): probes {', '.join(map(str, diverged))}")
     timing = results.get("timing", {})
     if timing:
         lines.append(f"{len(results['probes'])} probes, {timing.get('mode', '?')}, "
@@ -133,6 +159,8 @@ def write_heatmap(results: dict, path) -> Optional[Path]:
     except ImportError:
         return None
     best = results["best"]
+    if best is None:
+        return None
     attention = torch.tensor(best["mean_attention"])           # (H, N)
     heads, num_tokens = attention.shape
     tokens = results["features"].get("tokens", "cls+ap")
@@ -159,31 +187,52 @@ def write_heatmap(results: dict, path) -> Optional[Path]:
     figure.suptitle(f"AttentiveFusion attention over tokens (test mean)\n"
                     f"lr={best['lr']:.3g}  wd={best['wd']:.3g}  seed={best['seed']}", fontsize=9)
     path = Path(path)
-    figure.savefig(path, dpi=110)
+    storage.save_figure(figure, path, dpi=110)
     return path
 
 
 def write(results: dict, out_dir, *, checkpoint: Optional[dict] = None, plots: bool = True) -> dict:
-    """Write results.json, results.csv, the heatmap and the checkpoint; return {kind: path}."""
+    """Write the checkpoint, the heatmap, results.csv and (last) results.json, each atomically;
+    return {kind: path}. A file this sweep does not produce (no best probe, no plots) is removed,
+    so none of a previous run's stays beside the new results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "csv": out / "results.csv"}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["csv"].write_text(csv_text(results))
+    payload = strict(results)
+    json_text = json.dumps(payload, indent=1, allow_nan=False)  # fails before any file is touched
+    paths = {}
     if checkpoint is not None:
         paths["checkpoint"] = out / CHECKPOINT
-        torch.save(checkpoint, paths["checkpoint"])
-    if plots:
-        heatmap = write_heatmap(results, out / HEATMAP)
-        if heatmap is not None:
-            paths["heatmap"] = heatmap
-    return paths
+        storage.torch_save(checkpoint, paths["checkpoint"])
+    heatmap = write_heatmap(results, out / HEATMAP) if plots else None
+    if heatmap is not None:
+        paths["heatmap"] = heatmap
+    paths["csv"] = out / RESULTS_CSV
+    storage.write_text(paths["csv"], csv_text(results))
+    paths["json"] = out / RESULTS_JSON
+    storage.write_text(paths["json"], json_text + "\n")
+    for kind, name in (("checkpoint", CHECKPOINT), ("heatmap", HEATMAP)):
+        if kind not in paths:  # only once the new results are in place
+            (out / name).unlink(missing_ok=True)
+    return {kind: paths[kind] for kind in ("json", "csv", "checkpoint", "heatmap") if kind in paths}
+
+
+def read_results(out_dir) -> dict:
+    """results.json of a finished sweep, checked to be a sweep's results (errors name the file)."""
+    path = Path(out_dir) / RESULTS_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: no finished sweep in {out_dir}")
+    results = storage.read_json(path, what="sweep results")
+    if not isinstance(results, dict) or not {"probes", "best"} <= set(results):
+        raise ValueError(f"sweep results {path} must be a JSON object with 'probes' and 'best'")
+    return results
 
 
 def load_best_probe(out_dir, *, paper: bool = False, backend: Optional[str] = None):
     """The best probe of a finished sweep as an AttentiveFusion (or the paper's probe), eval mode."""
     out = Path(out_dir)
-    best = json.loads((out / "results.json").read_text())["best"]
+    best = read_results(out)["best"]
+    if best is None:
+        raise ValueError(f"the sweep in {out} has no best probe: every configuration diverged")
     kwargs = dict(best["probe"])
     if paper:
         from ..paper import PaperAttentiveProbe

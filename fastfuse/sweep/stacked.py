@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..composed_head import ParameterVersionCache, compose_head, composed_is_cheaper, grad_reaches_parameters
 from ..module import AttentiveFusion
 from ..ops import attentive_pool
-from .projections import StackedProjections, StackedScoreWeight
+from ..projections import StackedProjections, StackedScoreWeight
 
 # AttentiveFusion / paper state_dict key -> attribute of the stacked module (shape (P, *shape)).
 PARAMETERS = OrderedDict([
@@ -107,6 +108,8 @@ class StackedAttentiveFusion(nn.Module):
                 self.register_parameter(name, None)
         for key, name in BUFFERS.items():
             self.register_buffer(name, torch.stack([s[key] for s in states]).clone())
+        self._composed_head = ParameterVersionCache()
+        self._frozen_score_weight = ParameterVersionCache()
 
     @classmethod
     def from_seeds(cls, seeds: Sequence[int], dim: int, num_heads: int, num_classes: int, *,
@@ -150,9 +153,16 @@ class StackedAttentiveFusion(nn.Module):
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must have shape (batch, tokens, {self.dim}), got {shape}")
         batch, num_probes, heads = tokens.shape[0], self.num_probes, self.num_heads
-        weight = self.score_weight()
+        caches = not grad_reaches_parameters(self) and not torch.compiler.is_compiling()
+        weight = self._frozen_score_weight.get(self, self.score_weight) if caches else self.score_weight()
         pooled, attention = attentive_pool(tokens, weight.reshape(num_probes * heads, self.dim),
                                            eps=self.norm_k_eps, backend=self.backend)
+        if caches and self._uses_composed_head():
+            head_weight, head_bias = self.composed_head()
+            # (P, B, H*D) view of the pooled tokens times each probe's (H*D, C) map.
+            flat = pooled.to(weight.dtype).view(batch, num_probes, heads * self.dim).transpose(0, 1)
+            logits = torch.baddbmm(head_bias.unsqueeze(1), flat, head_weight.transpose(1, 2)).transpose(0, 1)
+            return (logits, attention.reshape(batch, num_probes, heads, -1)) if return_attention else logits
         # Value and output projections of all probes (SPEC §2), as batched GEMMs -> (B, P*D).
         # In training the BatchNorm after it removes any per-channel constant, so the gradients
         # of beta_v, b_v and b_o are exactly zero; computed, they would be rounding noise, which
@@ -172,6 +182,19 @@ class StackedAttentiveFusion(nn.Module):
         if return_attention:
             return logits, attention.reshape(batch, num_probes, heads, -1)
         return logits
+
+    def _uses_composed_head(self) -> bool:
+        """Eval mode, no graph into the parameters, and the composed map is cheaper (as AttentiveFusion)."""
+        return (not self.training
+                and composed_is_cheaper(self.num_classes, self.num_heads, self.head_dim, self.dim)
+                and not grad_reaches_parameters(self))
+
+    def composed_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every probe's eval-mode head as one map: (M (P, C, H*D), m (P, C)); see fastfuse.composed_head."""
+        return self._composed_head.get(self, lambda: compose_head(
+            self.num_heads, self.v_weight, self.norm_v_weight, self.norm_v_bias, self.v_bias, self.proj_weight,
+            self.proj_bias, self.bn_running_mean, self.bn_running_var, self.bn_weight, self.bn_bias, self.bn_eps,
+            self.classifier_weight, self.classifier_bias))
 
     def extra_repr(self) -> str:
         return (f"num_probes={self.num_probes}, dim={self.dim}, num_heads={self.num_heads}, "

@@ -26,50 +26,54 @@ floor: tokens + g read, gradient written once).
 import triton
 import triton.language as tl
 
-from .configs import backward_configs, prune
-from .tokens import (GATHERED, LAYER_AP_TOKEN, LAYER_CLS_TOKEN, LAYER_COLUMNS, LAYER_GRAD_OFFSET,
-                     LAYER_LENGTH, gather_sample, grad_row_offsets, load_token_tile)
+from .configs import AUTOTUNE_KEY, BACKWARD_SWITCHES, backward_configs, pruner
+from .tokens import (GATHERED, LAYER_AP_TOKEN, LAYER_CLS_TOKEN, LAYER_COLUMNS, LAYER_LENGTH,
+                     gather_sample, grad_row_pointers, load_token_tile, slot_row)
 
 
 @triton.jit
-def scatter_sample(grads_ptr, layer_table_ptr, dx_slot, b64, num_layers, num_prefix_tokens, dim,
-                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def scatter_sample(grads, layer_table_ptr, dx_slot, b64, num_prefix_tokens, dim,
+                   GRAD_ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """Adjoint of gather_sample: write every row of every layer gradient of sample b once."""
     r_base = tl.arange(0, BLOCK_R)
     d_base = tl.arange(0, BLOCK_D)
-    for layer in range(0, num_layers):
+    for layer in tl.static_range(len(grads)):
         entry = layer_table_ptr + layer * LAYER_COLUMNS
         length = tl.load(entry + LAYER_LENGTH)
         cls_token = tl.load(entry + LAYER_CLS_TOKEN)
         ap_token = tl.load(entry + LAYER_AP_TOKEN)
-        first = tl.load(entry + LAYER_GRAD_OFFSET) + b64 * length * dim
+        first = b64 * length * dim
         ap_scale = 1.0 / tl.maximum(length - num_prefix_tokens, 1).to(ACC)
         for d0 in range(0, dim, BLOCK_D):
             d_offs = d0 + d_base
             d_mask = d_offs < dim
-            cls_grad = tl.load(dx_slot + tl.maximum(cls_token, 0) * dim + d_offs,
+            cls_grad = tl.load(dx_slot + tl.maximum(cls_token, 0) * slot_row(dim) + d_offs,
                                mask=d_mask & (cls_token >= 0), other=0.0)
-            ap_grad = tl.load(dx_slot + tl.maximum(ap_token, 0) * dim + d_offs,
+            ap_grad = tl.load(dx_slot + tl.maximum(ap_token, 0) * slot_row(dim) + d_offs,
                               mask=d_mask & (ap_token >= 0), other=0.0) * ap_scale
             for r0 in range(0, length, BLOCK_R):
                 r_offs = r0 + r_base
                 value = (tl.where(r_offs[:, None] == 0, cls_grad[None, :], 0.0)
                          + tl.where(r_offs[:, None] >= num_prefix_tokens, ap_grad[None, :], 0.0))
-                tl.store(grads_ptr + first + r_offs[:, None] * dim + d_offs[None, :],
-                         value.to(grads_ptr.dtype.element_ty),
+                rows = first + r_offs * dim
+                if GRAD_ALIGN > 1:  # D a multiple of 16 bytes: vector stores (bf16: 8 per store)
+                    rows = tl.multiple_of(rows, GRAD_ALIGN)
+                tl.store(grads[layer] + rows[:, None] + d_offs[None, :],
+                         value.to(grads[layer].dtype.element_ty),
                          mask=(r_offs < length)[:, None] & d_mask[None, :])
 
 
-@triton.autotune(configs=backward_configs(), key=["num_tokens", "dim", "heads"],
-                 prune_configs_by={"early_config_prune": prune}, reset_to_zero=["grad_weight_ptr"])
-@triton.jit
+@triton.autotune(configs=backward_configs(), key=AUTOTUNE_KEY + BACKWARD_SWITCHES,
+                 prune_configs_by={"early_config_prune": pruner("backward")}, reset_to_zero=["grad_weight_ptr"])
+@triton.jit(do_not_specialize=["batch"])
 def pool_backward_kernel(
-    layers_ptr, token_table_ptr, layer_table_ptr, weight_ptr,
+    layers, token_table_ptr, layer_table_ptr, weight_ptr,
     grad_pooled_ptr, grad_attention_ptr, attention_ptr, mean_ptr, rstd_ptr,
-    grads_ptr, grad_weight_ptr, token_scratch_ptr, head_scratch_ptr, row_scratch_ptr,
-    batch, num_tokens, dim, heads, num_layers, num_prefix_tokens, stride_b, stride_t, stride_d,
-    ADDRESSING: tl.constexpr, HAS_GRAD_ATTENTION: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    NEED_DX: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    grads, grad_weight_ptr, token_scratch_ptr, head_scratch_ptr, row_scratch_ptr,
+    batch, num_tokens, dim, heads, num_prefix_tokens, stride_b, stride_t, stride_d, batch_bucket,
+    TOKEN_DTYPE: tl.constexpr, ADDRESSING: tl.constexpr, HAS_GRAD_ATTENTION: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    GRAD_ALIGN: tl.constexpr, NEED_DX: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -78,8 +82,8 @@ def pool_backward_kernel(
     h_base = tl.arange(0, BLOCK_H)
     # This program's scratch: gathered tokens and their gradient (N, D) each, da-then-ds and s
     # (H, N) each, the two per-token head sums (N) each, its dw partial (H, D).
-    x_slot = token_scratch_ptr + pid64 * 2 * num_tokens * dim
-    dx_slot = x_slot + num_tokens * dim
+    x_slot = token_scratch_ptr + pid64 * 2 * num_tokens * slot_row(dim)
+    dx_slot = x_slot + num_tokens * slot_row(dim)
     ds_slot = head_scratch_ptr + pid64 * 2 * heads * num_tokens
     score_slot = ds_slot + heads * num_tokens
     sum_slot = row_scratch_ptr + pid64 * 2 * num_tokens
@@ -87,7 +91,7 @@ def pool_backward_kernel(
     for b in range(pid, batch, tl.num_programs(0)):
         b64 = tl.cast(b, tl.int64)
         if ADDRESSING == GATHERED:
-            gather_sample(layers_ptr, token_table_ptr, layer_table_ptr, x_slot, b64, num_tokens,
+            gather_sample(layers, token_table_ptr, x_slot, b64, num_tokens,
                           dim, stride_d, ROW_ALIGN, ACC, BLOCK_N, BLOCK_D)
             tl.debug_barrier()
         grad_pooled = grad_pooled_ptr + b64 * heads * dim
@@ -115,7 +119,7 @@ def pool_backward_kernel(
                 for d0 in range(0, dim, BLOCK_D):
                     d_offs = d0 + d_base
                     dh_mask = (d_offs < dim)[:, None] & h_mask[None, :]
-                    x = load_token_tile(layers_ptr, token_table_ptr, layer_table_ptr, x_slot, b64,
+                    x = load_token_tile(layers, token_table_ptr, x_slot, b64,
                                         n_offs, d_offs, num_tokens, dim, stride_b, stride_t,
                                         stride_d, ADDRESSING, ROW_ALIGN, ACC)
                     normed = (x - mean[:, None]) * rstd[:, None]
@@ -165,12 +169,12 @@ def pool_backward_kernel(
             mean_grad = tl.load(sum_slot + n_offs, mask=n_mask, other=0.0) / dim
             mean_dot = tl.load(sum_slot + num_tokens + n_offs, mask=n_mask, other=0.0) / dim
             if ADDRESSING != GATHERED:
-                grad_rows = grad_row_offsets(token_table_ptr, layer_table_ptr, b64, n_offs, n_mask,
-                                             num_tokens, dim, ADDRESSING)
+                grad_rows = grad_row_pointers(grads, token_table_ptr, b64, n_offs, n_mask,
+                                              num_tokens, dim, ADDRESSING, GRAD_ALIGN)
             for d0 in range(0, dim, BLOCK_D):
                 d_offs = d0 + d_base
                 d_mask = d_offs < dim
-                x = load_token_tile(layers_ptr, token_table_ptr, layer_table_ptr, x_slot, b64,
+                x = load_token_tile(layers, token_table_ptr, x_slot, b64,
                                     n_offs, d_offs, num_tokens, dim, stride_b, stride_t, stride_d,
                                     ADDRESSING, ROW_ALIGN, ACC)
                 normed = (x - mean[:, None]) * rstd[:, None]
@@ -197,12 +201,12 @@ def pool_backward_kernel(
                     grad_x = rstd[:, None] * (grad_normed - mean_grad[:, None] - normed * mean_dot[:, None])
                     nd_mask = n_mask[:, None] & d_mask[None, :]
                     if ADDRESSING == GATHERED:
-                        tl.store(dx_slot + n_offs[:, None] * dim + d_offs[None, :], grad_x, mask=nd_mask)
+                        tl.store(dx_slot + n_offs[:, None] * slot_row(dim) + d_offs[None, :], grad_x, mask=nd_mask)
                     else:
-                        tl.store(grads_ptr + grad_rows[:, None] + d_offs[None, :],
-                                 grad_x.to(grads_ptr.dtype.element_ty), mask=nd_mask)
+                        tl.store(grad_rows[:, None] + d_offs[None, :],
+                                 grad_x.to(grads[0].dtype.element_ty), mask=nd_mask)
         if ADDRESSING == GATHERED and NEED_DX:
             tl.debug_barrier()
-            scatter_sample(grads_ptr, layer_table_ptr, dx_slot, b64, num_layers, num_prefix_tokens,
-                           dim, ACC, BLOCK_N, BLOCK_D)
+            scatter_sample(grads, layer_table_ptr, dx_slot, b64, num_prefix_tokens, dim,
+                           GRAD_ALIGN, ACC, BLOCK_N, BLOCK_D)
         tl.debug_barrier()  # the next sample rewrites this program's scratch

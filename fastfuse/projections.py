@@ -1,5 +1,7 @@
 """The value and output projections of P stacked probes, with a hand-written backward.
 
+Used by the sweep's stacked probes and, with P = 1, by AttentiveFusion itself.
+
 SPEC §2 after the fused op, for every probe p and head h, on the pooled tokens z (B, P*H, D):
 
     u_h = gamma_v * z_h + beta_v
