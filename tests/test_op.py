@@ -98,9 +98,9 @@ def test_frozen_features_skip_token_gradients(monkeypatch):
 
     seen = []
 
-    def spy(*args):
-        seen.append(args[-1])
-        return get("torch").backward(*args)
+    def spy(*args, **options):
+        seen.append(args[-1])  # layers_need_grad, the last positional argument
+        return get("torch").backward(*args, **options)
 
     monkeypatch.setattr(fastfuse.ops, "_get_backend",
                         lambda name: dataclasses.replace(get(name), backward=spy))
