@@ -15,6 +15,7 @@ from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _BUILD_INFO = _PACKAGE_DIR / "_build_info.json"
+CUDA_RESOURCE_REPORT = _PACKAGE_DIR / "_cuda_resource_usage.txt"  # written by a CUDA build
 _BUILD_COMMAND = "export CUDA_HOME=/usr/local/cuda; pip install --no-build-isolation -e ."
 _DISABLE_VARIABLE = "FASTFUSE_NO_EXTENSION"
 
@@ -42,7 +43,8 @@ def _describe_build(info: dict) -> str:
     if not info:
         return f"no build metadata ({_BUILD_INFO.name} missing)"
     return (f"built for torch {info.get('torch_version')}, CUDA {info.get('cuda_version')}, "
-            f"Python {info.get('python_version')}, CPU arch {info.get('cpu_arch')}")
+            f"Python {info.get('python_version')}, CPU arch {info.get('cpu_arch')}, "
+            f"CPU kernel variants {', '.join(info.get('cpu_variants') or {}) or 'unknown'}")
 
 
 def _load_once() -> tuple[bool, str]:
@@ -112,3 +114,20 @@ def built_with_cuda() -> bool:
         except Exception:  # noqa: BLE001
             pass
     return bool(build_info().get("cuda_kernels", False))
+
+
+def cpu_kernel_variant() -> tuple[str | None, str]:
+    """(variant, reason): which instruction-set variant of the CPU kernels runs here
+    (csrc/library/cpu_dispatch.cpp: the best built one this CPU supports, or FASTFUSE_CPU_ISA's),
+    or (None, why not)."""
+    loaded, reason = load()
+    if not loaded:
+        return None, reason
+    import torch
+
+    if not hasattr(torch.ops.fastfuse, "cpu_kernel_variant"):
+        return None, "the loaded library predates the CPU kernel variants; rebuild it"
+    try:
+        return str(torch.ops.fastfuse.cpu_kernel_variant()), "chosen at run time (FASTFUSE_CPU_ISA overrides)"
+    except RuntimeError as error:
+        return None, str(error)

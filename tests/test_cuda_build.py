@@ -33,7 +33,7 @@ EXPECTED_KERNELS = {
 
 def _load_report_module():
     spec = importlib.util.spec_from_file_location("cuda_resource_report",
-                                                  ROOT / "benchmarks" / "cuda_resource_report.py")
+                                                  ROOT / "tools" / "cuda_resource_report.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
@@ -112,8 +112,8 @@ def test_library_carries_the_expected_kernels():
 
 @needs_cuda_build
 def test_resource_report_has_no_spills_and_matches_the_library():
-    report = ROOT / "benchmarks" / "cuda_resource_usage.txt"
-    assert report.is_file(), f"{report} missing: the CUDA build writes it (CMakeLists.txt)"
+    report = _extension.CUDA_RESOURCE_REPORT
+    assert report.is_file(), f"{report} missing: the CUDA build writes it beside the library (CMakeLists.txt); rebuild"
     kernels = report_module.parse(report_module.raw_section(report.read_text()))
     assert kernels, f"{report} lists no kernels"
     for kernel in kernels:
@@ -130,6 +130,20 @@ def test_resource_report_has_no_spills_and_matches_the_library():
     for key, kernel in reported.items():
         assert cubins[key]["REG"] == kernel.registers, f"{key}: registers differ, stale report"
         assert cubins[key]["STACK"] == 0 and cubins[key]["LOCAL"] == 0, f"{key}: {cubins[key]}"
+
+
+def test_build_writes_no_tracked_file():
+    """The build's outputs (library, metadata, resource report) are all ignored by git."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = [_extension.library_path(), ROOT / "fastfuse" / "_build_info.json", _extension.CUDA_RESOURCE_REPORT,
+             ROOT / "build"]
+    paths = [str(path.relative_to(ROOT)) for path in names if path is not None]
+    result = subprocess.run(["git", "check-ignore", *paths], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert sorted(result.stdout.split()) == sorted(paths), result.stdout + result.stderr
+    tracked = subprocess.run(["git", "ls-files", "benchmarks", "tools"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60).stdout.split()
+    assert "tools/cuda_resource_report.py" in tracked and not any("resource_usage" in name for name in tracked)
 
 
 def test_report_parser_reads_ptxas_output():

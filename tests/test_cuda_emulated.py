@@ -4,9 +4,10 @@ oracle of tests/reference.py: so that every submission runs the kernels' code, n
 The emulator runs each CUDA thread as a fiber with real barriers and warp shuffles, in a
 random order between barriers, with NaN-filled shared memory, a canary after it and alignment
 checks on 16-byte accesses (tests/cuda_emulation/emulator.h). It compiles the kernel headers with
-the host compiler, so the tile sizes that the host planner would pick on a GPU are given here,
-covering every path: tiles of 8 to 32 tokens, head tiles, dw in shared or global memory,
-dw-only backward, fewer backward blocks than samples, vector and scalar loads.
+the host compiler; the tile sizes are given here, covering every path (tiles of 8 to 32 tokens,
+head tiles, dw in shared or global memory, dw-only backward, fewer backward blocks than samples,
+vector and scalar loads), or taken from the host planner (csrc/common/launch_plan.h) for a
+GPU's shared-memory limits, as fused_pool_cuda.cu does on a GPU.
 """
 import shutil
 import subprocess
@@ -64,6 +65,7 @@ class Case:
     grad_attention: bool = True
     seed: int = 0               # the data
     schedule_seed: int = 0      # the emulator's thread order between barriers
+    plan_limits: tuple = ()     # (per-block opt-in, per-SM) bytes: tiles from the host planner
     layers: list = field(default_factory=list, repr=False)
 
 
@@ -111,7 +113,8 @@ def run_case(runner, case: Case, tmp_path):
 
     config = [DTYPES[case.dtype], case.batch, case.dim, case.heads, SPECS[case.tokens], case.prefix, 1e-5,
               case.tile_tokens, head_tile, int(case.need_grad), int(case.dw_shared), case.backward_blocks,
-              int(case.grad_attention), case.schedule_seed, storage.numel(), len(layers)]
+              int(case.grad_attention), case.schedule_seed, storage.numel(), len(layers),
+              *(case.plan_limits or (0, 0))]
     lines = [" ".join(map(str, config))]
     for length, strides, start in views:
         lines.append(" ".join(map(str, (length, *strides, start))))
@@ -136,6 +139,8 @@ def run_case(runner, case: Case, tmp_path):
         outputs.append(values[position:position + count].reshape(shape))
         position += count
     assert position == values.numel()
+    plan = [line for line in result.stdout.splitlines() if line.startswith("plan ")]
+    case.used_plan = tuple(int(value) for value in plan[-1].split()[1:])
     return outputs, (layers, weight, grad_pooled, grad_attention)
 
 
@@ -205,3 +210,26 @@ def test_schedule_does_not_change_results(runner, tmp_path):
         results.append(check(runner, case, folder))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+# Shared-memory limits (per-block opt-in, per SM) of an A100 (sm_80) and of a made-up small GPU
+# whose 12,000 bytes per block force the planner's fallbacks for D=64, H=40: heads tiled over
+# blocks in the forward, dw in global memory in the backward.
+SM80_LIMITS = (166912, 167936)
+TIGHT_LIMITS = (12000, 2 * (12000 + 1024))
+
+
+@pytest.mark.parametrize("case, expect_head_tiles, expect_dw_shared", [
+    pytest.param(Case(lengths=(37,), dim=36, heads=5, plan_limits=SM80_LIMITS), False, True, id="sm80"),
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", heads=6, plan_limits=SM80_LIMITS), False, True,
+                 id="sm80-cls+ap"),
+    pytest.param(Case(lengths=(19,), dim=64, heads=40, plan_limits=TIGHT_LIMITS), True, False, id="tight"),
+])
+def test_kernels_run_with_the_host_planners_tiles(runner, case, expect_head_tiles, expect_dw_shared, tmp_path):
+    """The planner's tiles for given limits fit the kernels' real use of shared memory (the
+    emulator's canary) and give the right results."""
+    check(runner, case, tmp_path)
+    tile_tokens, head_tile, backward_tile_tokens, dw_shared = case.used_plan
+    assert tile_tokens % 8 == 0 and backward_tile_tokens % 8 == 0
+    assert (head_tile < case.heads) == expect_head_tiles, case.used_plan
+    assert bool(dw_shared) == expect_dw_shared, case.used_plan

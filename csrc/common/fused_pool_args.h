@@ -185,4 +185,45 @@ inline ForwardOutputs allocate_forward_outputs(const PoolProblem& problem, const
           at::empty({batch, num_tokens}, options)};
 }
 
+// The backward's outputs (SPEC §3): one contiguous gradient per layer in the layer's dtype
+// (none at all for frozen features: layers_need_grad false), and dw (H, D) in the compute
+// dtype, zero so that a batch of 0 gives 0.
+struct BackwardOutputs {
+  std::vector<at::Tensor> grad_layers;
+  at::Tensor grad_weight;
+};
+
+inline BackwardOutputs allocate_backward_outputs(const PoolProblem& problem, at::TensorList layers,
+                                                 const at::Tensor& score_weight,
+                                                 bool layers_need_grad) {
+  BackwardOutputs outputs;
+  if (layers_need_grad) {
+    for (const at::Tensor& layer : layers) {
+      outputs.grad_layers.push_back(
+          at::empty(layer.sizes(), layer.options().memory_format(at::MemoryFormat::Contiguous)));
+    }
+  }
+  outputs.grad_weight = at::zeros({problem.heads, problem.dim}, score_weight.options());
+  return outputs;
+}
+
+// The saved tensors and incoming gradients as the kernels read them: contiguous. They may be
+// views (autograd hands out expanded zero-stride gradients) and are small, so views are
+// copied; the layers never are (the kernels read them through their strides).
+struct BackwardInputs {
+  at::Tensor grad_pooled;
+  std::optional<at::Tensor> grad_attention;
+  at::Tensor pooled, attention, mean, rstd;
+};
+
+inline BackwardInputs contiguous_backward_inputs(const at::Tensor& grad_pooled,
+                                                 const std::optional<at::Tensor>& grad_attention,
+                                                 const at::Tensor& pooled, const at::Tensor& attention,
+                                                 const at::Tensor& mean, const at::Tensor& rstd) {
+  return {grad_pooled.contiguous(),
+          grad_attention.has_value() ? std::optional<at::Tensor>(grad_attention->contiguous())
+                                     : std::nullopt,
+          pooled.contiguous(), attention.contiguous(), mean.contiguous(), rstd.contiguous()};
+}
+
 }  // namespace fastfuse

@@ -7,8 +7,11 @@
 
 #include <cstdint>
 
+#include "cpu/variant.h"
+
 namespace fastfuse {
 namespace cpu {
+inline namespace FASTFUSE_CPU_VARIANT {  // csrc/cpu/variant.h
 
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
@@ -140,5 +143,6 @@ void accumulate_rows(T* __restrict c, int64_t rows, const T* __restrict a, int64
   }
 }
 
+}  // namespace FASTFUSE_CPU_VARIANT
 }  // namespace cpu
 }  // namespace fastfuse

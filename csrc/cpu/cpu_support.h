@@ -24,9 +24,11 @@
 
 #include "common/fused_pool_args.h"
 #include "cpu/blocked_kernels.h"
+#include "cpu/variant.h"
 
 namespace fastfuse {
 namespace cpu {
+inline namespace FASTFUSE_CPU_VARIANT {  // csrc/cpu/variant.h
 
 // Tokens per tile: each chunk of the (H, D) weights and accumulator loaded into registers is
 // reused for this many tokens; a 32 x 768 float tile (96 KiB) stays in L2.
@@ -150,5 +152,6 @@ inline void copy_padded(const at::Tensor& matrix, acc_t* __restrict out, int64_t
   }
 }
 
+}  // namespace FASTFUSE_CPU_VARIANT
 }  // namespace cpu
 }  // namespace fastfuse

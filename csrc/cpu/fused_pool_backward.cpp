@@ -18,9 +18,11 @@
 #include "common/fused_pool_math.h"
 #include "cpu/blocked_kernels.h"
 #include "cpu/cpu_support.h"
+#include "cpu/variant.h"
 
 namespace fastfuse {
 namespace cpu {
+inline namespace FASTFUSE_CPU_VARIANT {  // csrc/cpu/variant.h
 namespace {
 
 namespace fm = fastfuse::math;
@@ -43,25 +45,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
   const bool all_tokens = problem.spec == TokenSpec::kAll;
 
   // Frozen features (the usual probe) need only dw: no dx, no gradient tensors at all.
-  std::vector<at::Tensor> grad_layers;
-  for (const at::Tensor& layer : layers) {
-    if (!layers_need_grad) break;
-    grad_layers.push_back(at::empty(layer.sizes(), layer.options().memory_format(at::MemoryFormat::Contiguous)));
-  }
-  at::Tensor grad_weight = at::zeros({heads, dim}, score_weight.options());
+  auto [grad_layers, grad_weight] = allocate_backward_outputs(problem, layers, score_weight, layers_need_grad);
   if (batch == 0) return {grad_layers, grad_weight};
   for (const at::Tensor& grad : grad_layers) advise_huge_pages(grad);
 
-  // Saved and incoming gradients may be views (autograd hands out expanded zero-stride
-  // gradients); these are small, so they are made contiguous. The layers are not.
-  const at::Tensor grad_pooled = grad_pooled_in.contiguous();
-  const at::Tensor pooled = pooled_in.contiguous();
-  const at::Tensor attention = attention_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const std::optional<at::Tensor> grad_attention =
-      grad_attention_in.has_value() ? std::optional<at::Tensor>(grad_attention_in->contiguous())
-                                    : std::nullopt;
+  const auto [grad_pooled, grad_attention, pooled, attention, mean, rstd] = contiguous_backward_inputs(
+      grad_pooled_in, grad_attention_in, pooled_in, attention_in, mean_in, rstd_in);
 
   const std::vector<LayerView<in_t>> views = layer_views<in_t>(layers);
   std::vector<in_t*> grad_out;
@@ -269,9 +258,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_pool_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
-  m.impl("fused_pool_backward", &fused_pool_backward_cpu);
+// Registered by csrc/library/cpu_dispatch.cpp, which picks the variant this CPU runs.
+c10::KernelFunction backward_kernel() {
+  return c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(fused_pool_backward_cpu));
 }
 
+}  // namespace FASTFUSE_CPU_VARIANT
 }  // namespace cpu
 }  // namespace fastfuse

@@ -18,9 +18,11 @@
 #include "common/fused_pool_math.h"
 #include "cpu/blocked_kernels.h"
 #include "cpu/cpu_support.h"
+#include "cpu/variant.h"
 
 namespace fastfuse {
 namespace cpu {
+inline namespace FASTFUSE_CPU_VARIANT {  // csrc/cpu/variant.h
 namespace {
 
 namespace fm = fastfuse::math;
@@ -162,9 +164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_pool_forward_cp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
-  m.impl("fused_pool_forward", &fused_pool_forward_cpu);
+// Registered by csrc/library/cpu_dispatch.cpp, which picks the variant this CPU runs.
+c10::KernelFunction forward_kernel() {
+  return c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(fused_pool_forward_cpu));
 }
 
+}  // namespace FASTFUSE_CPU_VARIANT
 }  // namespace cpu
 }  // namespace fastfuse

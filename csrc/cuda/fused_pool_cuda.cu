@@ -1,7 +1,8 @@
 // CUDA implementations of fastfuse::fused_pool_forward / fused_pool_backward (schemas:
 // fastfuse/backends/compiled_ops.py; math: SPEC §2; kernels: csrc/cuda/pool_kernels.cuh).
 // This file checks the arguments (csrc/common/fused_pool_args.h, shared with the CPU kernels),
-// describes the layers to the kernels, picks the tile sizes that fit in shared memory and
+// describes the layers to the kernels, asks the planner (csrc/common/launch_plan.h, shared with
+// the emulation and the Python query) for the tiles that fit this GPU's shared memory and
 // launches on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "common/fused_pool_args.h"
+#include "common/launch_plan.h"
 #include "cuda/pool_kernels.cuh"
 
 namespace fastfuse {
@@ -35,11 +37,8 @@ int spec_code(TokenSpec spec) {
   }
 }
 
-bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
-
 template <typename scalar_t>
 GatherArgs make_gather_args(const PoolProblem& problem, at::TensorList layers) {
-  using Chunk = ChunkOf<scalar_t>;
   TORCH_CHECK(static_cast<int64_t>(layers.size()) <= kMaxLayers, "fastfuse: the cuda backend reads at most ",
               kMaxLayers, " layers per call, got ", layers.size(), " (use backend='triton' or 'torch')");
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -52,7 +51,7 @@ GatherArgs make_gather_args(const PoolProblem& problem, at::TensorList layers) {
   args.num_prefix_tokens = static_cast<int32_t>(problem.num_prefix_tokens);
   args.num_tokens = static_cast<int32_t>(problem.num_tokens());
   args.dim = static_cast<int32_t>(problem.dim);
-  args.padded_dim = round_up_to(args.dim, Chunk::kWidth);
+  args.padded_dim = round_up_to(args.dim, ChunkOf<scalar_t>::kWidth);
   int64_t first_token = 0;
   for (size_t l = 0; l < layers.size(); ++l) {
     const at::Tensor& layer = layers[l];
@@ -65,20 +64,13 @@ GatherArgs make_gather_args(const PoolProblem& problem, at::TensorList layers) {
     view.length = static_cast<int32_t>(layer.size(1));
     view.first_token = static_cast<int32_t>(first_token);
     if (problem.spec == TokenSpec::kAll) first_token += layer.size(1);
-    // 16-byte loads need every chunk start of every row aligned: unit stride along D, D a
-    // multiple of the chunk and the other strides multiples of one load.
-    const bool vector = view.stride_dim == 1 && problem.dim % Chunk::kWidth == 0 &&
-                        view.stride_row % Chunk::kPerLoad == 0 &&
-                        view.stride_batch % Chunk::kPerLoad == 0 && aligned16(view.data);
-    if (vector) args.vector_loads |= uint64_t(1) << l;
+    if (can_load_vectors(sizeof(scalar_t), problem.dim, view.stride_batch, view.stride_row,
+                         view.stride_dim, reinterpret_cast<uintptr_t>(view.data))) {
+      args.vector_loads |= uint64_t(1) << l;
+    }
   }
   return args;
 }
-
-struct SharedMemoryLimits {
-  int64_t preferred;  // two blocks per SM
-  int64_t maximum;    // the opt-in maximum of one block
-};
 
 // (ATen/cuda/CUDAContext.h would give the device properties, but it pulls in the cuBLAS and
 // cuSPARSE headers, which a bare nvcc install lacks; the attributes are cheap to query.)
@@ -88,21 +80,14 @@ int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-SharedMemoryLimits shared_memory_limits() {
-  const int64_t maximum = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  // Each resident block also costs 1 KiB of reserved shared memory on sm_80 / sm_90.
-  const int64_t preferred = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2 - 1024;
-  return {std::min(preferred, maximum), maximum};
+SharedMemoryLimits current_shared_memory_limits() {
+  return shared_memory_limits(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin),
+                              device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
 }
 
-// Tile sizes to try, largest first: the whole of a short N in one tile, else 32, 16, 8.
-std::vector<int> tile_choices(int64_t num_tokens) {
-  const int cap = round_up_to(static_cast<int>(std::clamp<int64_t>(num_tokens, 1, kMaxTileTokens)), kTileQuantum);
-  std::vector<int> choices = {cap};
-  for (int tile_tokens : {16, 8}) {
-    if (tile_tokens < cap) choices.push_back(tile_tokens);
-  }
-  return choices;
+PlanInput plan_input(const PoolProblem& problem, bool layers_need_grad) {
+  return {static_cast<int>(c10::elementSize(problem.layer_dtype)), problem.dim, problem.heads,
+          problem.num_tokens(), reads_average(problem.spec), layers_need_grad};
 }
 
 template <typename kernel_t>
@@ -115,55 +100,28 @@ void allow_shared_memory(kernel_t kernel, int64_t bytes) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-struct ForwardPlan {
-  int tile_tokens = 0, head_tile = 0;
-  int64_t bytes = 0;
-};
-
-template <typename acc_t>
-ForwardPlan plan_forward(int64_t heads, int padded_dim, int partial, int64_t num_tokens, int64_t dim) {
-  const SharedMemoryLimits limits = shared_memory_limits();
-  const std::vector<int> choices = tile_choices(num_tokens);
-  auto bytes = [&](int tile_tokens, int64_t head_tile) {
-    return slot_bytes(tile_tokens) +
-           static_cast<int64_t>(sizeof(acc_t)) *
-               forward_shared_elements(tile_tokens, round_up_to(static_cast<int>(head_tile), 4), padded_dim, partial);
-  };
-  // All heads in one block (tokens read once), the largest tile that fits; two blocks per SM
-  // if possible.
-  for (int64_t budget : {limits.preferred, limits.maximum}) {
-    for (int tile_tokens : choices) {
-      if (bytes(tile_tokens, heads) <= budget) return {tile_tokens, static_cast<int>(heads), bytes(tile_tokens, heads)};
-    }
-  }
-  // Else tile the heads: the most heads (a multiple of 4) beside a tile of 16 or 8 tokens.
-  for (int64_t budget : {limits.preferred, limits.maximum}) {
-    for (int tile_tokens : {std::min(16, choices.front()), kTileQuantum}) {
-      int head_tile = 0;
-      while (head_tile + 4 < heads && bytes(tile_tokens, head_tile + 4) <= budget) head_tile += 4;
-      if (head_tile >= 4) return {tile_tokens, head_tile, bytes(tile_tokens, head_tile)};
-    }
-  }
-  TORCH_CHECK(false, "fastfuse: D = ", dim, " is too large for the cuda backend's shared-memory tiles "
-              "on this GPU (a tile of 8 tokens and 4 heads needs ", bytes(kTileQuantum, 4),
-              " bytes, the GPU allows ", limits.maximum, " per block); use backend='triton'");
+ForwardPlan checked_forward_plan(const PoolProblem& problem) {
+  const PlanInput input = plan_input(problem, false);
+  const SharedMemoryLimits limits = current_shared_memory_limits();
+  const ForwardPlan plan = plan_forward(input, limits);
+  TORCH_CHECK(plan.tile_tokens > 0, "fastfuse: D = ", problem.dim, " is too large for the cuda backend's "
+              "shared-memory tiles on this GPU (a tile of 8 tokens and 4 heads needs ",
+              forward_bytes(input, kTileQuantum, kHeadQuantum), " bytes, the GPU allows ", limits.maximum,
+              " per block); use backend='triton'");
+  return plan;
 }
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     const PoolProblem& problem, at::TensorList layers, const at::Tensor& score_weight_in, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
-  const int64_t num_tokens = problem.num_tokens();
+  const int64_t batch = problem.batch, heads = problem.heads;
   auto [pooled, attention, mean, rstd] = allocate_forward_outputs(problem, layers[0]);
   if (batch == 0) return {pooled, attention, mean, rstd};
 
   const GatherArgs args = make_gather_args<scalar_t>(problem, layers);
   const at::Tensor score_weight = score_weight_in.contiguous();
-  const int partial = reads_average(problem.spec)
-                          ? average_groups(args.padded_dim, ChunkOf<scalar_t>::kWidth) * args.padded_dim
-                          : 0;
-  const ForwardPlan plan = plan_forward<acc_t>(heads, args.padded_dim, partial, num_tokens, dim);
+  const ForwardPlan plan = checked_forward_plan(problem);
   const int head_tiles = ceil_div(static_cast<int>(heads), plan.head_tile);
   const int64_t blocks = batch * head_tiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastfuse: B x head tiles = ", blocks,
@@ -183,36 +141,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-struct BackwardPlan {
-  int tile_tokens = 0;
-  bool weight_grad_in_shared = false;
-  int64_t bytes = 0;
-};
-
-template <typename acc_t>
-BackwardPlan plan_backward(int64_t heads, int padded_dim, int partial, int64_t num_tokens,
-                           int64_t dim, bool layers_need_grad) {
-  const SharedMemoryLimits limits = shared_memory_limits();
-  const std::vector<int> choices = tile_choices(num_tokens);
-  const int padded_heads = round_up_to(static_cast<int>(heads), 4);
-  auto bytes = [&](int tile_tokens, bool in_shared) {
-    return slot_bytes(tile_tokens) +
-           static_cast<int64_t>(sizeof(acc_t)) *
-               backward_shared_elements(tile_tokens, padded_heads, padded_dim, partial,
-                                        layers_need_grad, in_shared);
-  };
-  // dw in shared memory if it fits beside a tile of >= 8 tokens, else in the block's slice of
-  // the global partials (read and written once per tile, from L2); two blocks per SM first.
-  for (int64_t budget : {limits.preferred, limits.maximum}) {
-    for (bool in_shared : {true, false}) {
-      for (int tile_tokens : choices) {
-        if (bytes(tile_tokens, in_shared) <= budget) return {tile_tokens, in_shared, bytes(tile_tokens, in_shared)};
-      }
-    }
-  }
-  TORCH_CHECK(false, "fastfuse: D = ", dim, " and H = ", heads, " are too large for the cuda "
-              "backend's backward tiles on this GPU (a tile of 8 tokens needs ", bytes(kTileQuantum, false),
-              " bytes of shared memory, the GPU allows ", limits.maximum, " per block); use backend='triton'");
+BackwardPlan checked_backward_plan(const PoolProblem& problem, bool layers_need_grad) {
+  const PlanInput input = plan_input(problem, layers_need_grad);
+  const SharedMemoryLimits limits = current_shared_memory_limits();
+  const BackwardPlan plan = plan_backward(input, limits);
+  TORCH_CHECK(plan.tile_tokens > 0, "fastfuse: D = ", problem.dim, " and H = ", problem.heads,
+              " are too large for the cuda backend's backward tiles on this GPU (a tile of 8 tokens "
+              "needs ", backward_bytes(input, kTileQuantum, false), " bytes of shared memory, the GPU "
+              "allows ", limits.maximum, " per block); use backend='triton'");
+  return plan;
 }
 
 template <typename scalar_t>
@@ -222,40 +159,23 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
     const at::Tensor& score_weight_in, const at::Tensor& pooled_in, const at::Tensor& attention_in,
     const at::Tensor& mean_in, const at::Tensor& rstd_in, bool layers_need_grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Chunk = ChunkOf<scalar_t>;
   const int64_t batch = problem.batch, dim = problem.dim, heads = problem.heads;
-  const int64_t num_tokens = problem.num_tokens();
 
-  std::vector<at::Tensor> grad_layers;
-  if (layers_need_grad) {
-    for (const at::Tensor& layer : layers) {
-      grad_layers.push_back(at::empty(layer.sizes(), layer.options().memory_format(at::MemoryFormat::Contiguous)));
-    }
-  }
-  at::Tensor grad_weight = at::zeros({heads, dim}, score_weight_in.options());
+  auto [grad_layers, grad_weight] = allocate_backward_outputs(problem, layers, score_weight_in, layers_need_grad);
   if (batch == 0) return {grad_layers, grad_weight};
 
   const GatherArgs args = make_gather_args<scalar_t>(problem, layers);
   GradArgs grads{};
   for (size_t l = 0; l < grad_layers.size(); ++l) {
     grads.data[l] = grad_layers[l].data_ptr();
-    if (dim % Chunk::kWidth == 0 && aligned16(grads.data[l])) grads.vector_stores |= uint64_t(1) << l;
+    if (can_store_vectors(sizeof(scalar_t), dim, reinterpret_cast<uintptr_t>(grads.data[l]))) {
+      grads.vector_stores |= uint64_t(1) << l;
+    }
   }
-  // Saved tensors and incoming gradients are small: contiguous copies if they are views.
   const at::Tensor score_weight = score_weight_in.contiguous();
-  const at::Tensor grad_pooled = grad_pooled_in.contiguous();
-  const at::Tensor pooled = pooled_in.contiguous();
-  const at::Tensor attention = attention_in.contiguous();
-  const at::Tensor mean = mean_in.contiguous();
-  const at::Tensor rstd = rstd_in.contiguous();
-  const std::optional<at::Tensor> grad_attention =
-      grad_attention_in.has_value() ? std::optional<at::Tensor>(grad_attention_in->contiguous()) : std::nullopt;
-
-  const int partial = reads_average(problem.spec)
-                          ? average_groups(args.padded_dim, Chunk::kWidth) * args.padded_dim
-                          : 0;
-  const BackwardPlan plan = plan_backward<acc_t>(heads, args.padded_dim, partial, num_tokens, dim,
-                                                 layers_need_grad);
+  const auto [grad_pooled, grad_attention, pooled, attention, mean, rstd] = contiguous_backward_inputs(
+      grad_pooled_in, grad_attention_in, pooled_in, attention_in, mean_in, rstd_in);
+  const BackwardPlan plan = checked_backward_plan(problem, layers_need_grad);
   auto kernel = fused_pool_backward_kernel<scalar_t, acc_t>;
   allow_shared_memory(kernel, plan.bytes);
   // As many blocks as fit on the GPU at once (each loops over a contiguous range of samples
@@ -264,7 +184,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, plan.bytes));
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int blocks = static_cast<int>(std::min<int64_t>(batch, std::max(1, blocks_per_sm) * sms));
-  const int padded_heads = round_up_to(static_cast<int>(heads), 4);
+  const int padded_heads = round_up_to(static_cast<int>(heads), kHeadQuantum);
   at::Tensor weight_partials = at::empty({blocks, padded_heads, args.padded_dim}, score_weight.options());
 
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -21,28 +21,8 @@
 namespace fastfuse {
 namespace cuda {
 
-// Shared-memory footprint, in acc_t elements after the token slots, shared by the host (which
-// picks the tile sizes) and the kernels (which carve the buffer in this order).
-FASTFUSE_HOST_DEVICE inline int64_t forward_shared_elements(int tile_tokens, int padded_heads,
-                                                            int padded_dim, int partial) {
-  return int64_t(tile_tokens) * padded_dim       // tile
-         + int64_t(padded_heads) * padded_dim    // pooled accumulators
-         + 2 * int64_t(padded_heads) * tile_tokens  // scores, weights (transposed)
-         + 4 * int64_t(padded_heads)             // running max, running sum, rescale, spare
-         + partial;
-}
-
-FASTFUSE_HOST_DEVICE inline int64_t backward_shared_elements(int tile_tokens, int padded_heads,
-                                                             int padded_dim, int partial,
-                                                             bool layers_need_grad,
-                                                             bool weight_grad_in_shared) {
-  return int64_t(tile_tokens) * padded_dim                           // xh tile
-         + (layers_need_grad ? int64_t(tile_tokens) * padded_dim : 0)  // dxh tile
-         + (weight_grad_in_shared ? int64_t(padded_heads) * padded_dim : 0)
-         + 3 * int64_t(padded_heads) * tile_tokens  // [a; ds] per head, ds transposed
-         + 4 * int64_t(padded_heads)                // baseline c_h, spare
-         + partial;
-}
+// Shared-memory footprints (forward_shared_elements, backward_shared_elements): csrc/common/
+// launch_plan.h, shared with the host planner; the kernels carve the buffer in that order.
 
 // Two resident blocks per SM (<= 128 registers a thread) hide the latency of the token
 // reads; float64 accumulators need twice the registers, so float64 asks for one.

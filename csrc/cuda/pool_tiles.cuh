@@ -5,94 +5,25 @@
 // A block has kThreads threads and works on one tile of `count` <= tile_tokens gathered tokens
 // at a time, held in shared memory as acc_t rows of padded_dim elements (D rounded up to the
 // chunk width; the padding is zero). Per-element arithmetic comes from
-// csrc/common/fused_pool_math.h, which the CPU kernels share.
+// csrc/common/fused_pool_math.h, which the CPU kernels share; the argument layout, the chunk
+// widths and the shared-memory footprints from csrc/common/launch_plan.h, which the host planner
+// shares.
 #pragma once
 
 #include <cstdint>
 
 #include "common/fused_pool_math.h"
+#include "common/launch_plan.h"
 
 namespace fastfuse {
 namespace cuda {
 
-constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Layer descriptors travel as kernel arguments (no host-to-device copy per call); 64 layers
-// keep the backward's arguments under the classic 4 KiB limit.
-constexpr int kMaxLayers = 64;
-// Tiles hold a multiple of 8 tokens (the dxh product works on 8 tokens per thread) and at
-// most 32 (the softmax update gives each token of a tile one lane of a warp).
-constexpr int kTileQuantum = 8;
-constexpr int kMaxTileTokens = 32;
 
 enum SpecCode : int { kSpecCls = 0, kSpecAp = 1, kSpecClsAp = 2, kSpecAll = 3 };
 constexpr int kAverageRow = -1;
-
-FASTFUSE_HOST_DEVICE inline int ceil_div(int value, int divisor) {
-  return (value + divisor - 1) / divisor;
-}
-FASTFUSE_HOST_DEVICE inline int round_up_to(int value, int multiple) {
-  return ceil_div(value, multiple) * multiple;
-}
-
-struct LayerArgs {
-  const void* data;
-  int64_t stride_batch, stride_row, stride_dim;
-  int32_t length;       // T_l
-  int32_t first_token;  // "all": the gathered index of the layer's row 0
-};
-
-// Everything the kernels need to find gathered token n of sample b.
-struct GatherArgs {
-  LayerArgs layers[kMaxLayers];
-  uint64_t vector_loads;  // bit l: layer l is read with 16-byte loads
-  int32_t num_layers;
-  int32_t spec;           // SpecCode
-  int32_t num_prefix_tokens;
-  int32_t num_tokens;     // N
-  int32_t dim;            // D
-  int32_t padded_dim;     // D rounded up to ChunkOf<scalar_t>::kWidth
-};
-
-// The backward's outputs: one contiguous (B, T_l, D) gradient per layer.
-struct GradArgs {
-  void* data[kMaxLayers];
-  uint64_t vector_stores;  // bit l: 16-byte stores into layer l's gradient
-};
-
-// Where the tokens of the current tile come from, resolved once per tile (so the hot loops
-// never index the kernel-argument arrays).
-struct TokenSlot {
-  const void* source;  // sample b's row, or the first averaged row (num_prefix_tokens)
-  void* grad;          // backward: row 0 of sample b in the layer's gradient
-  int64_t stride_row, stride_dim;
-  int32_t rows;        // rows to average (1 for a single row)
-  int32_t row;         // the row, or kAverageRow
-  int32_t length;      // T_l
-  int32_t flags;       // kSlotVectorLoad | kSlotVectorStore | kSlotAverage
-};
 constexpr int kSlotVectorLoad = 1, kSlotVectorStore = 2, kSlotAverage = 4;
-
-FASTFUSE_HOST_DEVICE inline int slot_bytes(int tile_tokens) {
-  return round_up_to(tile_tokens * static_cast<int>(sizeof(TokenSlot)), 32);
-}
-
-// A row is read in chunks of kWidth elements: one or two 16-byte loads when the layer allows
-// it, element by element through stride_dim otherwise. kWidth >= 4 so that a chunk lands in
-// shared memory as whole 4-element quads.
-template <typename scalar_t>
-struct ChunkOf {
-  static constexpr int kPerLoad = 16 / static_cast<int>(sizeof(scalar_t));
-  static constexpr int kWidth = kPerLoad >= 4 ? kPerLoad : 4;
-  static constexpr int kLoads = kWidth / kPerLoad;
-};
-
-// Scratch for averaging one token with the whole block: `groups` row groups x padded_dim.
-FASTFUSE_HOST_DEVICE inline int average_groups(int padded_dim, int chunk_width) {
-  const int chunks = padded_dim / chunk_width;
-  return chunks >= kThreads ? 1 : kThreads / chunks;
-}
 
 // Device code. FASTFUSE_CUDA_EMULATION compiles it for the host instead, where
 // tests/cuda_emulation runs the kernels thread by thread on a machine without a GPU.

@@ -17,13 +17,11 @@ from ..gather import num_gathered_tokens
 from . import compiled
 from .base import Backend
 
-# Mirrors csrc/cuda: layer descriptors travel as kernel arguments (kMaxLayers), tiles hold at
-# least 8 tokens (kTileQuantum), blocks have 256 threads (kThreads).
-MAX_LAYERS = 64
-_TILE_TOKENS = 8
-_THREADS = 256
-_SLOT_BYTES = 48
 ARCHS = ("sm_80", "sm_90")
+# The order of fastfuse::cuda_launch_plan's answer (csrc/library/launch_plan_query.cpp).
+_PLAN_FIELDS = ("forward_tile_tokens", "forward_head_tile", "forward_bytes", "backward_tile_tokens",
+                "backward_weight_grad_in_shared", "backward_bytes", "min_bytes", "padded_dim",
+                "chunk_width", "max_layers", "threads")
 
 
 def _availability() -> tuple[bool, str]:
@@ -48,23 +46,28 @@ def _shared_memory_per_block(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def launch_plan(dim: int, heads: int, num_tokens: int, dtype: torch.dtype, *, tokens: str = "all",
+                layers_need_grad: bool = True, shared_per_block_optin: int,
+                shared_per_multiprocessor: int) -> dict[str, int]:
+    """The tiles and shared memory the CUDA kernels would use for a call on a GPU with these
+    shared-memory limits: the host planner of csrc/common/launch_plan.h, asked through the
+    compiled library (no GPU needed). A tile size of 0 means that nothing fits."""
+    loaded, reason = _extension.load()
+    if not loaded:
+        raise RuntimeError(f"fastfuse: the CUDA launch planner lives in the compiled library: {reason}")
+    values = torch.ops.fastfuse.cuda_launch_plan(
+        dtype.itemsize, dim, heads, num_tokens, tokens in ("ap", "cls+ap"), layers_need_grad,
+        shared_per_block_optin, shared_per_multiprocessor)
+    return dict(zip(_PLAN_FIELDS, values))
 
 
-def min_shared_memory_bytes(dim: int, heads: int, dtype: torch.dtype) -> int:
-    """Shared memory of the smallest backward tile (8 tokens, dw partials in global memory,
-    scratch for averaged tokens): the larger of the two kernels' minimums, for any token spec
-    (csrc/cuda/pool_kernels.cuh)."""
-    acc_bytes = 8 if dtype == torch.float64 else 4
-    chunk = max(16 // dtype.itemsize, 4)
-    padded_dim = _round_up(dim, chunk)
-    padded_heads = _round_up(heads, 4)
-    chunks = padded_dim // chunk
-    partial = (1 if chunks >= _THREADS else _THREADS // chunks) * padded_dim
-    elements = (2 * _TILE_TOKENS * padded_dim + 3 * padded_heads * _TILE_TOKENS
-                + 4 * padded_heads + partial)
-    return _TILE_TOKENS * _SLOT_BYTES + acc_bytes * elements
+@torch.compiler.assume_constant_result
+def kernel_limits(dim: int, heads: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes, layers): the shared memory of the smallest tiles the kernels run with for D, H
+    and the dtype, for any token spec, and the most layers one call reads (from
+    csrc/common/launch_plan.h, through the compiled library; a constant for torch.compile)."""
+    plan = launch_plan(dim, heads, 1, dtype, shared_per_block_optin=1, shared_per_multiprocessor=1)
+    return plan["min_bytes"], plan["max_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +78,15 @@ class CudaBackend(Backend):
         reasons = super().not_supported_reasons(layers, score_weight, **options)
         if reasons:
             return reasons
-        if len(layers) > MAX_LAYERS:
-            reasons.append(f"reads at most {MAX_LAYERS} layers per call, got {len(layers)}")
-        if score_weight is None:  # token_moments: no heads, no pool tiles
+        # token_moments passes no score_weight: no heads, no pool tiles, only the layer limit.
+        dim, heads = layers[0].shape[-1], 1 if score_weight is None else score_weight.shape[0]
+        if dim >= 2**25 or heads > 2**20:
+            return [f"reads D < 2^25 and H <= 2^20, got D={dim}, H={heads}"]
+        needed, max_layers = kernel_limits(dim, heads, layers[0].dtype)
+        if len(layers) > max_layers:
+            reasons.append(f"reads at most {max_layers} layers per call, got {len(layers)}")
+        if score_weight is None:
             return reasons
-        dim, heads = layers[0].shape[-1], score_weight.shape[0]
-        needed = min_shared_memory_bytes(dim, heads, layers[0].dtype)
         allowed = _shared_memory_per_block(layers[0].device)
         if needed > allowed:
             reasons.append(f"D={dim}, H={heads} need {needed} bytes of shared memory per block, "

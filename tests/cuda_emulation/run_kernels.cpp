@@ -5,17 +5,20 @@
 //
 // CONFIG (text): dtype(0 float32, 1 float64, 2 float16, 3 bfloat16) B D H spec(0 cls, 1 ap,
 //   2 cls+ap, 3 all) num_prefix_tokens eps tile_tokens head_tile layers_need_grad
-//   weight_grad_in_shared backward_blocks has_grad_attention seed storage_length L, then per
-//   layer: T stride_batch stride_row stride_dim offset (elements into the storage).
+//   weight_grad_in_shared backward_blocks has_grad_attention seed storage_length L plan_optin
+//   plan_per_sm, then per layer: T stride_batch stride_row stride_dim offset (elements into the
+//   storage). plan_optin > 0: the tile sizes come from the host planner
+//   (csrc/common/launch_plan.h) for a GPU with these shared-memory limits instead of the config;
+//   the plan used is printed ("plan TILE HEAD_TILE BACKWARD_TILE DW_IN_SHARED").
 // INPUT (float64): storage, score_weight (H, D), grad_pooled (B, H, D), grad_attention (B, H, N).
 // OUTPUT (float64): pooled, attention, mean, rstd, the layers' gradients (if wanted), dw.
-// The tile sizes are the caller's (the host planner of fused_pool_cuda.cu needs a GPU).
 #define FASTFUSE_CUDA_EMULATION
 #include "emulator.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdio>
 #include <fstream>
 #include <string>
 
@@ -30,6 +33,7 @@ struct Config {
   int has_grad_attention, seed;
   int64_t storage_length;
   int num_layers;
+  int64_t plan_optin, plan_per_sm;  // > 0: tiles from the host planner for these limits
   std::vector<int64_t> length, stride_batch, stride_row, stride_dim, offset;
 };
 
@@ -54,7 +58,6 @@ void write_doubles(std::ofstream& out, const std::vector<T>& values) {
 template <typename scalar_t>
 int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  using Chunk = ChunkOf<scalar_t>;
   const int batch = config.batch, dim = config.dim, heads = config.heads;
   const bool cls = config.spec == kSpecCls || config.spec == kSpecClsAp;
   const bool average = config.spec == kSpecAp || config.spec == kSpecClsAp;
@@ -67,7 +70,7 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   args.spec = config.spec;
   args.num_prefix_tokens = config.spec == kSpecAll ? 0 : config.prefix;
   args.dim = dim;
-  args.padded_dim = round_up_to(dim, Chunk::kWidth);
+  args.padded_dim = padded_dim_of({static_cast<int>(sizeof(scalar_t)), dim, heads, 1, false, false});
   int num_tokens = 0;
   for (int l = 0; l < config.num_layers; ++l) {
     LayerArgs& view = args.layers[l];
@@ -78,11 +81,10 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
     view.length = static_cast<int32_t>(config.length[l]);
     view.first_token = num_tokens;
     num_tokens += config.spec == kSpecAll ? view.length : (cls ? 1 : 0) + (average ? 1 : 0);
-    const bool vector = view.stride_dim == 1 && dim % Chunk::kWidth == 0 &&
-                        view.stride_row % Chunk::kPerLoad == 0 &&
-                        view.stride_batch % Chunk::kPerLoad == 0 &&
-                        reinterpret_cast<uintptr_t>(view.data) % 16 == 0;
-    if (vector) args.vector_loads |= uint64_t(1) << l;
+    if (can_load_vectors(sizeof(scalar_t), dim, view.stride_batch, view.stride_row, view.stride_dim,
+                         reinterpret_cast<uintptr_t>(view.data))) {
+      args.vector_loads |= uint64_t(1) << l;
+    }
   }
   args.num_tokens = num_tokens;
   std::vector<acc_t> grad_pooled = read_doubles<acc_t>(in, int64_t(batch) * heads * dim);
@@ -90,20 +92,31 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   if (config.has_grad_attention) grad_attention = read_doubles<acc_t>(in, int64_t(batch) * heads * num_tokens);
 
   const int padded_dim = args.padded_dim;
-  const int partial = average ? average_groups(padded_dim, Chunk::kWidth) * padded_dim : 0;
+  // The tiles: the caller's, or (plan_optin > 0) the host planner's for a GPU with these limits.
+  const PlanInput input{static_cast<int>(sizeof(scalar_t)), dim, heads, num_tokens, average,
+                        config.layers_need_grad != 0};
+  int tile_tokens = config.tile_tokens, head_tile = config.head_tile;
+  int backward_tile_tokens = config.tile_tokens;
+  bool weight_grad_in_shared = config.weight_grad_in_shared != 0;
+  if (config.plan_optin > 0) {
+    const SharedMemoryLimits limits = shared_memory_limits(config.plan_optin, config.plan_per_sm);
+    const ForwardPlan forward = plan_forward(input, limits);
+    const BackwardPlan backward = plan_backward(input, limits);
+    if (forward.tile_tokens == 0 || backward.tile_tokens == 0) emu::fail("no plan fits these limits");
+    tile_tokens = forward.tile_tokens, head_tile = forward.head_tile;
+    backward_tile_tokens = backward.tile_tokens, weight_grad_in_shared = backward.weight_grad_in_shared;
+  }
+  std::printf("plan %d %d %d %d\n", tile_tokens, head_tile, backward_tile_tokens, int(weight_grad_in_shared));
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   std::vector<acc_t> pooled(int64_t(batch) * heads * dim, nan), attention(int64_t(batch) * heads * num_tokens, nan);
   std::vector<acc_t> mean(int64_t(batch) * num_tokens, nan), rstd(int64_t(batch) * num_tokens, nan);
 
   // Forward.
-  const int head_tiles = ceil_div(heads, config.head_tile);
-  const size_t forward_bytes =
-      slot_bytes(config.tile_tokens) +
-      sizeof(acc_t) * forward_shared_elements(config.tile_tokens, round_up_to(config.head_tile, 4),
-                                              padded_dim, partial);
-  emu::launch(Dim3{unsigned(batch * head_tiles)}, Dim3{unsigned(kThreads)}, forward_bytes, [&] {
-    fused_pool_forward_kernel<scalar_t, acc_t>(args, weight.data(), heads, config.head_tile,
-                                               config.tile_tokens, static_cast<acc_t>(config.eps),
+  const int head_tiles = ceil_div(heads, head_tile);
+  const size_t shared_forward = forward_bytes(input, tile_tokens, head_tile);
+  emu::launch(Dim3{unsigned(batch * head_tiles)}, Dim3{unsigned(kThreads)}, shared_forward, [&] {
+    fused_pool_forward_kernel<scalar_t, acc_t>(args, weight.data(), heads, head_tile,
+                                               tile_tokens, static_cast<acc_t>(config.eps),
                                                pooled.data(), attention.data(), mean.data(), rstd.data());
   });
 
@@ -116,25 +129,22 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
     }
     for (int l = 0; l < config.num_layers; ++l) {
       grads.data[l] = grad_layers[l].data();
-      if (dim % Chunk::kWidth == 0 && reinterpret_cast<uintptr_t>(grads.data[l]) % 16 == 0) {
+      if (can_store_vectors(sizeof(scalar_t), dim, reinterpret_cast<uintptr_t>(grads.data[l]))) {
         grads.vector_stores |= uint64_t(1) << l;
       }
     }
   }
-  const int padded_heads = round_up_to(heads, 4);
+  const int padded_heads = round_up_to(heads, kHeadQuantum);
   const int blocks = std::min(batch, config.backward_blocks);
   std::vector<acc_t> partials(int64_t(blocks) * padded_heads * padded_dim, nan);
   std::vector<acc_t> grad_weight(int64_t(heads) * dim, nan);
-  const size_t backward_bytes =
-      slot_bytes(config.tile_tokens) +
-      sizeof(acc_t) * backward_shared_elements(config.tile_tokens, padded_heads, padded_dim, partial,
-                                               config.layers_need_grad, config.weight_grad_in_shared);
-  emu::launch(Dim3{unsigned(blocks)}, Dim3{unsigned(kThreads)}, backward_bytes, [&] {
+  const size_t shared_backward = backward_bytes(input, backward_tile_tokens, weight_grad_in_shared);
+  emu::launch(Dim3{unsigned(blocks)}, Dim3{unsigned(kThreads)}, shared_backward, [&] {
     fused_pool_backward_kernel<scalar_t, acc_t>(
         args, grads, weight.data(), grad_pooled.data(),
         config.has_grad_attention ? grad_attention.data() : nullptr, pooled.data(), attention.data(),
-        mean.data(), rstd.data(), batch, heads, config.tile_tokens, config.layers_need_grad,
-        config.weight_grad_in_shared, partials.data());
+        mean.data(), rstd.data(), batch, heads, backward_tile_tokens, config.layers_need_grad,
+        weight_grad_in_shared, partials.data());
   });
   emu::launch(Dim3{unsigned(ceil_div(heads * dim, kThreads))}, Dim3{unsigned(kThreads)}, 0, [&] {
     weight_grad_reduce_kernel<acc_t>(partials.data(), blocks, heads, dim, padded_heads, padded_dim,
@@ -156,7 +166,7 @@ int main(int argc, char** argv) {
   Config c;
   text >> c.dtype >> c.batch >> c.dim >> c.heads >> c.spec >> c.prefix >> c.eps >> c.tile_tokens >>
       c.head_tile >> c.layers_need_grad >> c.weight_grad_in_shared >> c.backward_blocks >>
-      c.has_grad_attention >> c.seed >> c.storage_length >> c.num_layers;
+      c.has_grad_attention >> c.seed >> c.storage_length >> c.num_layers >> c.plan_optin >> c.plan_per_sm;
   if (!text || c.num_layers < 1 || c.num_layers > kMaxLayers) emu::fail("bad config");
   for (int l = 0; l < c.num_layers; ++l) {
     int64_t length, sb, sr, sd, offset;

@@ -1,27 +1,39 @@
 """The CUDA kernels' resource report: registers, spills and stack per kernel and arch.
 
-The build (CMakeLists.txt) compiles csrc/cuda/*.cu with ``-Xptxas -v`` through this script:
+A build tool: CMakeLists.txt compiles csrc/cuda/*.cu with ``-Xptxas -v`` through this script,
+and everything it writes stays in the build directory or beside the built library:
 
     cuda_resource_report.py capture FRAGMENT_DIR nvcc ...   (the CUDA compiler launcher)
         runs the compiler, passes its output through, and keeps the ptxas lines of that
-        source in FRAGMENT_DIR/<source>.ptxas
+        source in FRAGMENT_DIR/<source>.ptxas (in the build directory)
     cuda_resource_report.py collect FRAGMENT_DIR REPORT SOURCE...   (after linking)
-        writes REPORT (benchmarks/cuda_resource_usage.txt): a summary table, then the ptxas
-        lines verbatim
+        writes REPORT (the build's _cuda_resource_usage.txt, copied beside the library as
+        fastfuse/_cuda_resource_usage.txt): a summary table, then the ptxas lines verbatim
 
-Run without arguments to print the table of the checked-in report. tests/test_cuda_build.py
-parses the report with :func:`parse` and checks it against the cubins of the built library.
+Run with no arguments (or with a report's path) to print the table of the installed library's
+report. tests/test_cuda_build.py parses reports with :func:`parse` and checks them against the
+cubins of the built library.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-REPORT = Path(__file__).resolve().parent / "cuda_resource_usage.txt"
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "fastfuse" / "_cuda_resource_usage.txt"
+
+
+def _storage():
+    """fastfuse/storage.py, loaded by path: the build runs this before fastfuse is importable."""
+    spec = importlib.util.spec_from_file_location("_fastfuse_storage", ROOT / "fastfuse" / "storage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 _RAW_MARKER = "# ptxas output (-Xptxas -v), verbatim:"
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -126,10 +138,10 @@ def capture(fragment_dir: Path, command: list[str]) -> int:
     sys.stderr.write("".join(kept))
     if result.returncode == 0:
         fragment_dir.mkdir(parents=True, exist_ok=True)
-        # "Compile time" lines change every build; dropping them keeps the checked-in report stable.
+        # "Compile time" lines change every build; dropping them keeps the report stable.
         ptxas = [line for line in result.stderr.splitlines()
                  if (line.startswith("ptxas") or _FRAME.search(line)) and "Compile time" not in line]
-        (fragment_dir / f"{_source_of(command)}.ptxas").write_text("\n".join(ptxas) + "\n")
+        _storage().write_text(fragment_dir / f"{_source_of(command)}.ptxas", "\n".join(ptxas) + "\n")
     return result.returncode
 
 
@@ -144,9 +156,10 @@ def collect(fragment_dir: Path, report: Path, sources: list[str]) -> int:
         raw.append(f"## {source}\n{fragment.read_text()}")
     raw_text = "".join(raw)
     kernels = parse(raw_text)
-    report.write_text(
+    _storage().write_text(
+        report,
         "# Resource usage of the CUDA kernels (csrc/cuda), written by the build (CMakeLists.txt:\n"
-        "# nvcc -Xptxas -v through benchmarks/cuda_resource_report.py). Do not edit; rebuild.\n"
+        "# nvcc -Xptxas -v through tools/cuda_resource_report.py). Do not edit; rebuild.\n"
         "# Shared memory is dynamic (sized per launch from D, H and the tile), so not listed.\n\n"
         f"{table(kernels)}\n\n{_RAW_MARKER}\n{raw_text}")
     return 0
@@ -157,10 +170,11 @@ def main(argv: list[str]) -> int:
         return capture(Path(argv[1]), argv[2:])
     if argv and argv[0] == "collect":
         return collect(Path(argv[1]), Path(argv[2]), argv[3:])
-    if not REPORT.is_file():
-        print(f"{REPORT} does not exist: build with CUDA (see docs/cuda.md)", file=sys.stderr)
+    report = Path(argv[0]) if argv else REPORT
+    if not report.is_file():
+        print(f"{report} does not exist: build with CUDA (see docs/cuda.md)", file=sys.stderr)
         return 1
-    print(table(parse(raw_section(REPORT.read_text()))))
+    print(table(parse(raw_section(report.read_text()))))
     return 0
 
 
