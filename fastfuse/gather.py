@@ -22,9 +22,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def num_gathered_tokens(layer_lengths: Sequence[int], tokens: str) -> int:
-    """N for layers of the given lengths T_l under a token spec."""
+    """N for layers of the given lengths T_l under a token spec. Symbolic lengths (SymInts,
+    while torch.compile traces with dynamic shapes) stay symbolic: no int() here."""
     if tokens == "all":
-        return int(sum(layer_lengths))
+        return sum(layer_lengths, 0)
     per_layer = 2 if tokens == "cls+ap" else 1
     return per_layer * len(layer_lengths)
 

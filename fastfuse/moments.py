@@ -3,8 +3,9 @@
 What BatchNorm1d in training mode needs when it normalises the tokens' channels in front of
 an attentive pooler (AIM, SPEC §5): statistics over all B*N tokens, computed by one streaming
 reduction in each backend (the compiled and Triton kernels never write the (B, N, D) tokens).
-A custom op like ``fastfuse::attentive_pool``: the backend is resolved before the op, which has
-a fake kernel and an autograd formula (the backward, SPEC §5, is small dense algebra in PyTorch
+A custom op like ``fastfuse::attentive_pool``: the backend is resolved before the op in eager
+mode and by the op itself when it runs (never while torch.compile traces), with a fake kernel
+and an autograd formula (the backward, SPEC §5, is small dense algebra in PyTorch
 and is itself differentiable).
 """
 from __future__ import annotations
@@ -14,15 +15,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .backends import get as _get_backend, resolve as _resolve_backend
-from .backends.compiled_ops import fake_moments
+from .backends import get as _get_backend, requested_name, resolve as _resolve_backend
+from .op_contract import fake_moments
 from .gather import gather_tokens, normalize_inputs, scatter_token_grads
 
 
 @torch.library.custom_op("fastfuse::token_moments", mutates_args=())
 def _token_moments_op(layers: Sequence[Tensor], tokens: str, num_prefix_tokens: int,
                       backend: str) -> tuple[Tensor, Tensor]:
-    mean, var = _get_backend(backend).moments(layers, tokens, num_prefix_tokens)
+    name = _resolve_backend(backend, layers, None, op="token_moments")
+    mean, var = _get_backend(name).moments(layers, tokens, num_prefix_tokens)
     return mean, var
 
 
@@ -75,7 +77,9 @@ def token_moments(x, *, tokens: Optional[str] = None, num_prefix_tokens: int = 1
         float32; differentiable w.r.t. ``x``. With no token at all both are NaN.
     """
     layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
-    name = _resolve_backend(backend, layers, None, op="token_moments")
+    name = requested_name(backend)
+    if not torch.compiler.is_compiling():
+        name = _resolve_backend(name, layers, None, op="token_moments")
     mean, var = _token_moments_op(list(layers), tokens, num_prefix_tokens, name)
     return mean, var
 

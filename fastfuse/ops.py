@@ -1,8 +1,14 @@
 """The fused op as a PyTorch custom op: ``fastfuse::attentive_pool`` and its backward.
 
-The op takes the already-resolved backend name, so one registration (schema, fake kernel,
-autograd) serves every backend and torch.compile sees a single opaque node whose backward is
-another op. Input checking happens in :func:`attentive_pool`, before any kernel runs.
+One registration (schema, fake kernel, autograd) serves every backend: the op takes the
+backend's name, and torch.compile sees a single opaque node whose backward is another op. The
+kernel contract (output dtypes and shapes, fake kernels) is fastfuse/op_contract.py.
+
+Input checking happens in :func:`attentive_pool`, before any kernel runs. The backend is
+chosen there in eager mode (so a backend that cannot serve the input is refused up front);
+inside a graph traced by torch.compile only the requested name ("auto", or an explicit one)
+is recorded and the op chooses when it runs. Backend availability (library loading, imports,
+GPU queries) is thus never traced, and ``import fastfuse`` needs no torch._dynamo.
 """
 from __future__ import annotations
 
@@ -11,17 +17,28 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .backends import get as _get_backend, resolve as _resolve_backend
-from .backends.compiled_ops import NORMALIZATIONS, compute_dtype, fake_backward, fake_forward
+from .backends import get as _get_backend, requested_name, resolve as _resolve_backend
 from .gather import normalize_inputs
+from .op_contract import NORMALIZATIONS, compute_dtype, fake_backward, fake_forward
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "fastfuse.attentive_pool (op fastfuse::attentive_pool) does not support double backward: "
+    "its backward is a fused kernel without a derivative of its own, so gradients of its "
+    "gradients (create_graph=True followed by another backward, e.g. a gradient penalty) "
+    "cannot be computed. fastfuse.PaperAttentiveProbe, the unfused probe in plain PyTorch "
+    "ops, supports them."
+)
 
 
 @torch.library.custom_op("fastfuse::attentive_pool", mutates_args=())
 def _attentive_pool_op(layers: Sequence[Tensor], score_weight: Tensor, tokens: str,
                        num_prefix_tokens: int, eps: float, backend: str,
                        normalize: str = "layernorm") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_get_backend(backend).forward(layers, score_weight, tokens, num_prefix_tokens, eps,
-                                               normalize=normalize))
+    # Resolved here too (never traced): a graph traced by torch.compile records only the
+    # requested name. Eager calls pass the name resolved in attentive_pool: the same answer.
+    name = _resolve_backend(backend, layers, score_weight, normalize=normalize)
+    return tuple(_get_backend(name).forward(layers, score_weight, tokens, num_prefix_tokens, eps,
+                                            normalize=normalize))
 
 
 @_attentive_pool_op.register_fake
@@ -35,7 +52,8 @@ def _attentive_pool_backward_op(grad_pooled: Tensor, grad_attention: Optional[Te
                                 attention: Tensor, mean: Tensor, rstd: Tensor, tokens: str,
                                 num_prefix_tokens: int, layers_need_grad: bool, backend: str,
                                 normalize: str = "layernorm") -> tuple[list[Tensor], Tensor]:
-    grad_layers, grad_weight = _get_backend(backend).backward(
+    name = _resolve_backend(backend, layers, score_weight, normalize=normalize)
+    grad_layers, grad_weight = _get_backend(name).backward(
         grad_pooled.contiguous(), None if grad_attention is None else grad_attention.contiguous(),
         layers, score_weight, pooled, attention, mean, rstd, tokens, num_prefix_tokens,
         layers_need_grad, normalize=normalize)
@@ -78,6 +96,16 @@ def _backward(ctx, grad_pooled, grad_attention, _grad_mean, _grad_rstd):
 torch.library.register_autograd("fastfuse::attentive_pool", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(DOUBLE_BACKWARD_MESSAGE)
+
+
+# Registered so that the first backward works with create_graph=True and differentiating it
+# again says why it cannot, instead of torch's generic "no autograd formula" error.
+torch.library.register_autograd("fastfuse::attentive_pool_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
                    num_prefix_tokens: int = 1, eps: float = 1e-5,
                    normalize: str = "layernorm",
@@ -107,7 +135,9 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     score_weight = check_score_weight(score_weight, layers[0])
     eps = check_eps(eps)
     normalize = check_normalize(normalize)
-    name = _resolve_backend(backend, layers, score_weight, normalize=normalize)
+    name = requested_name(backend)
+    if not torch.compiler.is_compiling():
+        name = _resolve_backend(name, layers, score_weight, normalize=normalize)
     acc = compute_dtype(layers[0].dtype)
     pooled, attention, _mean, _rstd = _attentive_pool_op(
         list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name,

@@ -1,24 +1,19 @@
 """Shared fixtures: which backends run, on which devices, and the reference probe.
 
-Every backend that can run here is held against the same reference (fastfuse.paper, the
-unfused SPEC §1 probe, computed in float64). Without a GPU the Triton kernels run on CPU
+Every backend that can run here is held against the same oracle (tests/reference.py: the
+op from its definition, and fastfuse.paper, the unfused SPEC §1 probe, in float64). Without a GPU the Triton kernels run on CPU
 tensors through the Triton interpreter, so TRITON_INTERPRET=1 is set before triton loads.
 FASTFUSE_REQUIRE_BACKENDS (comma separated; the README's test command sets it) turns an
 unavailable backend from a skip into a failure, so CI cannot go green by skipping a backend.
 """
 import os
 
-if not os.environ.get("TRITON_INTERPRET"):
-    try:
-        import torch as _torch
-
-        if not _torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-    except ImportError:  # pragma: no cover
-        pass
-
-import pytest
 import torch
+
+if not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 import fastfuse
 

@@ -10,9 +10,7 @@ import torch
 import fastfuse
 from fastfuse.paper import PaperAttentiveProbe
 
-from reference import randomize_, rel_err, stack_tokens
-
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+from reference import TOLERANCE, make_layer, randomize_, rel_err, same_layout, stack_tokens
 # The Triton interpreter is slow: its cases keep N*D modest.
 SHAPES = [  # (B, N, D, H, qkv_bias, head_dim)
     pytest.param(3, 1, 16, 1, False, None, id="N1-H1"),
@@ -73,29 +71,13 @@ def test_tokens_match_paper(backend_device, dtype, train, batch, num_tokens, dim
     ref_out = reference(ref_x, return_attention=True)
     out = fused(x, return_attention=True)
     assert out[0].shape == (batch, 7) and out[1].shape == (batch, heads, num_tokens)
-    tol = TOL[dtype]
+    tol = TOLERANCE[dtype]
     assert rel_err(out[0], ref_out[0]) < tol
     assert rel_err(out[1], ref_out[1]) < tol
     check_grads(reference, fused, [ref_x], [x], ref_out, out, tol)
 
 
 LAYER_MODES = ["cls", "ap", "cls+ap", "all"]
-
-
-def make_layers(batch, lengths, dim, device, dtype, layout, seed=4):
-    """Layer activations as hooks hand them over: often views, not contiguous tensors."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = []
-    for length in lengths:
-        if layout == "contiguous":
-            base = torch.randn(batch, length, dim, generator=generator, dtype=torch.float64)
-        elif layout == "transposed":  # (T, B, D) storage seen as (B, T, D), padded feature dim
-            base = torch.randn(length, batch, dim + 3, generator=generator, dtype=torch.float64)
-            base = base.transpose(0, 1)[..., 1:dim + 1]
-        else:  # "strided-d": feature stride 2
-            base = torch.randn(batch, length, dim, 2, generator=generator, dtype=torch.float64)[..., 1]
-        layers.append(base)
-    return layers
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided-d"])
@@ -110,15 +92,13 @@ def test_layers_match_paper(backend_device, dtype, tokens, num_prefix_tokens, la
     reference, fused = make_pair(dim, heads, 5, dtype, device, backend)
     reference.train()
     fused.train()
-    base_layers = make_layers(batch, lengths, dim, "cpu", torch.float64, layout)
+    generator = torch.Generator().manual_seed(4)
+    base_layers = [make_layer(batch, length, dim, layout, generator) for length in lengths]
     ref_layers = [layer.detach().clone().requires_grad_(True) for layer in base_layers]
-    if dtype == torch.float64 and device == "cpu":
-        layers = [layer.detach().requires_grad_(True) for layer in base_layers]  # keep the views
-    else:
-        layers = [layer.detach().to(device=device, dtype=dtype).requires_grad_(True) for layer in base_layers]
+    layers = [same_layout(layer, dtype, device) for layer in base_layers]  # views as hooks give them
     ref_out = reference(stack_tokens(ref_layers, tokens, num_prefix_tokens), return_attention=True)
     out = fused(layers, tokens=tokens, num_prefix_tokens=num_prefix_tokens, return_attention=True)
-    tol = TOL[dtype]
+    tol = TOLERANCE[dtype]
     assert out[1].shape == ref_out[1].shape
     assert rel_err(out[0], ref_out[0]) < tol
     assert rel_err(out[1], ref_out[1]) < tol

@@ -1,19 +1,13 @@
-"""The custom op itself: gradcheck in float64, opcheck (schema, fake kernel, autograd), and
-the functional API's outputs against SPEC §1 written out directly."""
+"""The custom op itself: gradcheck in float64, opcheck (schema, fake kernel, autograd), the
+functional API's outputs against the oracle (tests/reference.py), and double backward."""
 import pytest
 import torch
 
 import fastfuse
 
-from reference import stack_tokens
+from fastfuse.paper import PaperAttentiveProbe
 
-
-def direct_pool(tokens, score_weight, eps=1e-5):
-    """SPEC §2 pooled/attention written from the definition, in float64."""
-    tokens = tokens.double()
-    normed = torch.nn.functional.layer_norm(tokens, tokens.shape[-1:], eps=eps)
-    attention = torch.softmax(torch.einsum("bnd,hd->bhn", normed, score_weight.double()), dim=-1)
-    return torch.einsum("bhn,bnd->bhd", attention, normed), attention
+from reference import pool, randomize_
 
 
 @pytest.mark.parametrize("tokens", [None, "cls", "ap", "cls+ap", "all"])
@@ -23,11 +17,10 @@ def test_functional_matches_definition(backend_device, tokens):
     weight = torch.randn(5, 24, dtype=torch.float64, generator=generator)
     if tokens is None:
         x = torch.randn(3, 11, 24, dtype=torch.float64, generator=generator)
-        stacked = x
+        expected_pooled, expected_attention, _, _ = pool([x], weight)
     else:
         x = [torch.randn(3, t, 24, dtype=torch.float64, generator=generator) for t in (6, 9)]
-        stacked = stack_tokens(x, tokens, 2)
-    expected_pooled, expected_attention = direct_pool(stacked, weight)
+        expected_pooled, expected_attention, _, _ = pool(x, weight, tokens, 2)
     moved = x.to(device) if tokens is None else [layer.to(device) for layer in x]
     pooled, attention = fastfuse.attentive_pool(moved, weight.to(device), tokens=tokens,
                                                 num_prefix_tokens=2, backend=backend)
@@ -53,23 +46,15 @@ def test_gradcheck(backend_device, tokens):
                                                     backend=backend)
         return pooled, attention  # both outputs: the attention gradient path is checked too
 
-    if backend == "triton" and device == "cpu" and not _supports_f64(backend):
-        pytest.skip("triton backend does not support float64")
     assert torch.autograd.gradcheck(fn, (weight, *inputs), eps=1e-6, atol=1e-7)
-
-
-def _supports_f64(backend):
-    from fastfuse.backends import get
-    return torch.float64 in get(backend).dtypes
 
 
 def test_opcheck(backend_device):
     backend, device = backend_device
-    dtype = torch.float64 if _supports_f64(backend) else torch.float32
     generator = torch.Generator().manual_seed(2)
-    layers = [torch.randn(2, t, 8, dtype=dtype, generator=generator).to(device).requires_grad_()
+    layers = [torch.randn(2, t, 8, dtype=torch.float64, generator=generator).to(device).requires_grad_()
               for t in (5, 4)]
-    weight = torch.randn(2, 8, dtype=dtype, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(2, 8, dtype=torch.float64, generator=generator).to(device).requires_grad_()
     for tokens in ("cls+ap", "all"):
         torch.library.opcheck(torch.ops.fastfuse.attentive_pool.default,
                               (layers, weight, tokens, 1, 1e-5, backend))
@@ -114,7 +99,7 @@ def test_frozen_features_skip_token_gradients(monkeypatch):
     seen = []
 
     def spy(*args, **options):
-        seen.append(args[-1])
+        seen.append(args[-1])  # layers_need_grad, the last positional argument
         return get("torch").backward(*args, **options)
 
     monkeypatch.setattr(fastfuse.ops, "_get_backend",
@@ -128,3 +113,30 @@ def test_frozen_features_skip_token_gradients(monkeypatch):
     pooled.sum().backward()
     assert seen == [False, True]
     assert live[0].grad is None and live[1].grad.shape == (2, 5, 8)
+
+
+def test_double_backward_raises_in_fastfuse_words(backend_device):
+    """Gradients of gradients: the first backward works with create_graph=True, the second
+    raises NotImplementedError naming the op and the alternative (README, "The fused op")."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(3, 8, dtype=torch.float64, generator=generator).to(device).requires_grad_()
+    pooled, attention = fastfuse.attentive_pool(x, weight, backend=backend)
+    grad_x, grad_weight = torch.autograd.grad(pooled.square().sum(), (x, weight), create_graph=True)
+    ref_x, ref_weight = (t.detach().cpu().requires_grad_() for t in (x, weight))
+    expected = torch.autograd.grad(pool([ref_x], ref_weight)[0].square().sum(), (ref_x, ref_weight))
+    for got, want in zip((grad_x, grad_weight), expected):
+        torch.testing.assert_close(got.detach().cpu(), want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(NotImplementedError, match=r"fastfuse::attentive_pool.*double backward.*PaperAttentiveProbe"):
+        (grad_x.square().sum() + grad_weight.square().sum()).backward()
+
+
+def test_paper_probe_supports_double_backward():
+    """The alternative the double-backward message names: a gradient penalty through it."""
+    probe = randomize_(PaperAttentiveProbe(8, 2, 3).double()).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    (grad_x,) = torch.autograd.grad(probe(x).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    assert probe.query_token.grad is not None and torch.isfinite(probe.query_token.grad).all()
+    assert probe.query_token.grad.abs().max() > 0

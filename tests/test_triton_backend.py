@@ -1,10 +1,10 @@
-"""The Triton kernels against the pure-PyTorch contract (fastfuse/backends/pytorch.py) in float64.
+"""The Triton kernels against the float64 oracle of tests/reference.py (SPEC §2 from the definition).
 
 Without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py),
 on CPU tensors; its single launch config (kernels/triton/configs.py: 32 tokens x 32 features x
 16 heads per tile) makes the small shapes below cover several tiles over N, D and heads, with
 masked tails. float16 / bfloat16 are held to a multiple of PyTorch's own error at the input
-precision (STYLE.md), float32 to 1e-5, float64 (float64 accumulation) to 1e-10.
+precision (STYLE.md), float32 and float64 (float64 accumulation) to reference.TOLERANCE.
 """
 import json
 import os
@@ -17,19 +17,19 @@ import torch
 
 import fastfuse
 from fastfuse.backends import get as get_backend
-from fastfuse.backends import pytorch as reference_backend
-from fastfuse.gather import gather_tokens
 
-from reference import rel_err
+from fastfuse.paper import PaperAttentiveProbe
 
-_STATUS = fastfuse.backends().get("triton", {"available": False, "reason": "not registered"})
+from reference import (EPS, TOLERANCE, hook_like_layers, pool, pool_with_grads, randomize_, rel_err,
+                       stack_tokens, values)
+
+_STATUS = fastfuse.backends()["triton"]
 if not _STATUS["available"]:
     print(f"triton backend unavailable: {_STATUS['reason']}")
     pytest.skip(f"triton backend unavailable: {_STATUS['reason']}", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = get_backend("triton")
-EPS = 1e-5
 
 
 def _generator(seed):
@@ -37,24 +37,20 @@ def _generator(seed):
 
 
 def _tokens(shape, seed, dtype=torch.float32):
-    """Offset, non-unit-variance tokens (a LayerNorm bug hides behind mean 0 / std 1)."""
-    return (torch.randn(shape, generator=_generator(seed)) * 1.5 + 0.4).to(dtype)
+    return values(shape, _generator(seed), dtype)
 
 
 def _layer_views(batch, dim, dtype):
-    """Three layers of different lengths, each a non-contiguous view like a hook capture.
-    The 40-row layer averages more rows than one gather tile holds (32 under the interpreter)."""
-    plain = _tokens((batch, 40, dim), 1, dtype)
-    wide = _tokens((batch, 12, dim + 9), 2, dtype)[:, 1:, 3:3 + dim]       # row/feature slice
-    batch_minor = _tokens((9, batch, dim), 3, dtype).transpose(0, 1)      # batch stride < row stride
-    return [plain, wide, batch_minor]
+    """Hook-like views; the 40-row layer averages more rows than one gather tile holds (32
+    under the interpreter)."""
+    return hook_like_layers(batch, dim, _generator(1), dtype)
 
 
 def _low_precision_pool(layers, weight, tokens, num_prefix_tokens, grad_pooled, grad_attention):
     """The contract evaluated in the input dtype itself (autograd): PyTorch's own error."""
     layers = [layer.detach().clone().requires_grad_(True) for layer in layers]
     weight = weight.detach().to(layers[0].dtype).requires_grad_(True)
-    stacked = gather_tokens(layers, tokens, num_prefix_tokens, layers[0].dtype)
+    stacked = stack_tokens(layers, tokens, num_prefix_tokens)
     normed = torch.nn.functional.layer_norm(stacked, stacked.shape[-1:], eps=EPS)
     attention = torch.softmax(torch.einsum("bnd,hd->bhn", normed, weight), dim=-1)
     pooled = torch.einsum("bhn,bnd->bhd", attention, normed)
@@ -71,20 +67,18 @@ def _check(layers, weight, tokens, num_prefix_tokens, with_grad_attention=True, 
     device_layers = [layer.to(DEVICE) for layer in layers]
     device_weight = weight.to(DEVICE)
     outputs = TRITON.forward(device_layers, device_weight, tokens, num_prefix_tokens, EPS)
-    layers64 = [layer.double() for layer in layers]
-    expected = reference_backend.forward(layers64, weight.double(), tokens, num_prefix_tokens, EPS)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_pooled = torch.randn(outputs[0].shape, generator=_generator(seed), dtype=torch.float64)
+    grad_attention = (torch.randn(outputs[1].shape, generator=_generator(seed + 1), dtype=torch.float64)
+                      if with_grad_attention else None)
+    *expected, expected_layers, expected_weight = pool_with_grads(
+        layers, weight, tokens, num_prefix_tokens, grad_pooled, grad_attention)
     for output, target in zip(outputs, expected):
         assert output.dtype == compute and output.is_contiguous()
         assert output.shape == target.shape
-    grad_pooled = torch.randn(expected[0].shape, generator=_generator(seed), dtype=torch.float64)
-    grad_attention = (torch.randn(expected[1].shape, generator=_generator(seed + 1), dtype=torch.float64)
-                      if with_grad_attention else None)
     grad_layers, grad_weight = TRITON.backward(
         grad_pooled.to(DEVICE, compute), None if grad_attention is None else grad_attention.to(DEVICE, compute),
         device_layers, device_weight, *outputs, tokens, num_prefix_tokens)
-    expected_layers, expected_weight = reference_backend.backward(
-        grad_pooled, grad_attention, layers64, weight.double(), *expected, tokens, num_prefix_tokens)
     for grad, layer in zip(grad_layers, layers):
         assert grad.shape == layer.shape and grad.dtype == layer.dtype and grad.is_contiguous()
     assert grad_weight.shape == weight.shape and grad_weight.dtype == weight.dtype
@@ -93,7 +87,7 @@ def _check(layers, weight, tokens, num_prefix_tokens, with_grad_attention=True, 
     targets = list(expected) + list(expected_layers) + [expected_weight]
     names = ["pooled", "attention", "mean", "rstd"] + [f"grad layer {i}" for i in range(len(layers))] + ["grad weight"]
     if dtype in (torch.float32, torch.float64):
-        tolerances = [1e-5 if dtype == torch.float32 else 1e-10] * len(results)
+        tolerances = [TOLERANCE[dtype]] * len(results)
     else:  # a multiple of the error of the same contract computed in the input dtype
         (low_pooled, low_attention), low_grads = _low_precision_pool(
             layers, weight, tokens, num_prefix_tokens, grad_pooled, grad_attention)
@@ -174,50 +168,30 @@ def test_frozen_layers_compute_weight_grad_only(tokens):
 
 
 def test_public_entry_points_run_triton():
-    torch.manual_seed(0)
+    """fastfuse.attentive_pool and AttentiveFusion with backend="triton" against the oracle
+    (forward and the gradients through the public op) and the paper's probe."""
     layers = [layer.to(DEVICE).requires_grad_(True) for layer in _layer_views(2, 16, torch.float32)]
     weight = _weight(3, 16).to(DEVICE).requires_grad_(True)
     pooled, attention = fastfuse.attentive_pool(layers, weight, tokens="cls+ap", num_prefix_tokens=1,
                                                 backend="triton")
-    ref_layers = [layer.detach().clone().requires_grad_(True) for layer in layers]
-    ref_weight = weight.detach().clone().requires_grad_(True)
-    ref_pooled, ref_attention = fastfuse.attentive_pool(ref_layers, ref_weight, tokens="cls+ap",
-                                                        num_prefix_tokens=1, backend="torch")
-    assert rel_err(pooled, ref_pooled) < 1e-5 and rel_err(attention, ref_attention) < 1e-5
+    ref_layers = [layer.detach().cpu().double().requires_grad_(True) for layer in layers]
+    ref_weight = weight.detach().cpu().double().requires_grad_(True)
+    ref_pooled, ref_attention, _, _ = pool(ref_layers, ref_weight, "cls+ap", 1)
+    tol = TOLERANCE[torch.float32]
+    assert rel_err(pooled, ref_pooled) < tol and rel_err(attention, ref_attention) < tol
     (pooled.sum() + (attention * attention).sum()).backward()
     (ref_pooled.sum() + (ref_attention * ref_attention).sum()).backward()
     for grad, ref_grad in zip([*layers, weight], [*ref_layers, ref_weight]):
-        assert rel_err(grad.grad, ref_grad.grad) < 1e-5
+        assert rel_err(grad.grad, ref_grad.grad) < tol
 
-    probe = fastfuse.AttentiveFusion(dim=16, num_heads=2, num_classes=3, backend="triton").to(DEVICE)
-    reference = fastfuse.AttentiveFusion(dim=16, num_heads=2, num_classes=3, backend="torch").to(DEVICE)
+    probe = randomize_(fastfuse.AttentiveFusion(dim=16, num_heads=2, num_classes=3, backend="triton"))
+    reference = PaperAttentiveProbe(dim=16, num_heads=2, num_classes=3).double()
     reference.load_state_dict(probe.state_dict())
-    tokens = _tokens((3, 5, 16), 7).to(DEVICE)
-    logits, attention = probe(tokens, return_attention=True)
-    ref_logits, ref_attention = reference(tokens, return_attention=True)
-    assert rel_err(logits, ref_logits) < 1e-5 and rel_err(attention, ref_attention) < 1e-5
-
-
-def test_ops_registered_with_the_kernel_schemas():
-    from fastfuse.backends import triton as triton_backend
-
-    triton_backend.ops()
-    forward = torch.ops.fastfuse.triton_pool_forward.default._schema
-    backward = torch.ops.fastfuse.triton_pool_backward.default._schema
-    for ours, theirs in ((forward, torch.ops.fastfuse.fused_pool_forward.default._schema),
-                         (backward, torch.ops.fastfuse.fused_pool_backward.default._schema)):
-        assert [(a.name, str(a.type)) for a in ours.arguments] == [(a.name, str(a.type)) for a in theirs.arguments]
-        assert [str(r.type) for r in ours.returns] == [str(r.type) for r in theirs.returns]
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="opcheck traces with fake tensors: needs compiled kernels (GPU)")
-def test_opcheck_on_gpu():
-    from fastfuse.backends import triton as triton_backend
-
-    forward_op, _ = triton_backend.ops()
-    tokens = _tokens((2, 24, 64), 0, torch.float16).cuda()
-    torch.library.opcheck(forward_op, ([tokens], _weight(4, 64).cuda(), "all", 0, EPS),
-                          test_utils=("test_schema", "test_faketensor"))
+    probe, reference = probe.to(DEVICE).eval(), reference.eval()
+    tokens = _tokens((3, 5, 16), 7)
+    logits, attention = probe(tokens.to(DEVICE), return_attention=True)
+    ref_logits, ref_attention = reference(tokens.double(), return_attention=True)
+    assert rel_err(logits, ref_logits) < tol and rel_err(attention, ref_attention) < tol
 
 
 def _triton_ptxas_present() -> bool:

@@ -8,90 +8,24 @@ warning (Liger's rule, STYLE.md).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
-from typing import Callable, Optional
 
 import torch
 
-from . import pytorch as torch_backend
-from .compiled_ops import NORMALIZATIONS
+from . import cpu, cuda, pytorch, triton
+from .base import Backend
 
 ENV_VAR = "FASTFUSE_BACKEND"
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    name: str
-    device_types: tuple[str, ...]
-    availability: Callable[[], tuple[bool, str]]
-    forward: Callable
-    backward: Callable
-    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    # The token normalisations its forward/backward take (attentive_pool's normalize=), and its
-    # token_moments reduction (layers, tokens, num_prefix_tokens) -> (mean, var), if any.
-    normalizations: tuple[str, ...] = NORMALIZATIONS
-    moments: Optional[Callable] = None
-
-    def not_supported_reasons(self, layers, score_weight, *, normalize: str = "layernorm",
-                              op: str = "attentive_pool") -> list[str]:
-        available, reason = _availability_of(self.name)
-        reasons = [] if available else [reason]
-        if op == "token_moments" and self.moments is None:
-            reasons.append("token_moments is not supported yet by this backend")
-        if op == "attentive_pool" and normalize not in self.normalizations:
-            reasons.append(f"normalize={normalize!r} is not supported yet by this backend")
-        device = layers[0].device
-        if device.type not in self.device_types:
-            reasons.append(f"serves {'/'.join(self.device_types)} tensors, got a {device.type} tensor")
-        if layers[0].dtype not in self.dtypes:
-            reasons.append(f"does not support dtype {layers[0].dtype} (supports "
-                           f"{', '.join(str(d).replace('torch.', '') for d in self.dtypes)})")
-        return reasons
-
-
-_BACKENDS: dict[str, Backend] = {}
-
-
-@torch.compiler.assume_constant_result
-def _availability_of(name: str) -> tuple[bool, str]:
-    """A registered backend's availability. Decided once per process; torch.compile takes it
-    as a constant, since the checks behind it (a lock, imports, lru_cache) cannot be traced."""
-    return _BACKENDS[name].availability()
-
+# Every backend module is imported above, unconditionally: one that lacks its optional
+# dependency (triton, the compiled library, a GPU) says so through its availability reason.
+# Availability is decided when an op runs, never while torch.compile traces (fastfuse/ops.py).
+_BACKENDS: dict[str, Backend] = {backend.name: backend for backend in
+                                 (pytorch.BACKEND, cpu.BACKEND, triton.BACKEND, cuda.BACKEND)}
 
 # Preference per device type for "auto"; the last entry always serves.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-
-
-def register(backend: Backend) -> None:
-    _BACKENDS[backend.name] = backend
-
-
-def _always() -> tuple[bool, str]:
-    return True, "pure PyTorch, runs on any device"
-
-
-register(Backend("torch", ("cpu", "cuda", "meta", "mps", "xpu"), _always,
-                 torch_backend.forward, torch_backend.backward, moments=torch_backend.moments))
-
-from . import cpu as _cpu  # noqa: E402  (registers itself; needs the table above)
-
-register(_cpu.BACKEND)
-try:  # GPU backends register themselves when their modules exist
-    from . import triton as _triton  # noqa: E402
-
-    register(_triton.BACKEND)
-except ImportError:  # pragma: no cover - module added by the Triton backend work
-    pass
-try:
-    from . import cuda as _cuda  # noqa: E402
-
-    register(_cuda.BACKEND)
-except ImportError:  # pragma: no cover
-    pass
 
 VALID_NAMES = ("auto",) + tuple(_BACKENDS)
 
@@ -139,8 +73,6 @@ def resolve(backend: str | None, layers, score_weight, **options) -> str:
     device_type = layers[0].device.type
     skipped = []
     for candidate in AUTO_ORDER.get(device_type, ("torch",)):
-        if candidate not in _BACKENDS:
-            continue
         reasons = _BACKENDS[candidate].not_supported_reasons(layers, score_weight, **options)
         if not reasons:
             if skipped and candidate == "torch":

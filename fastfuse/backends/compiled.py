@@ -1,5 +1,6 @@
 """Callers of the compiled kernel ops, shared by the cpu and cuda backends: one op, and the
-tensors' device picks the CPU or the CUDA kernel (schemas: compiled_ops.py)."""
+tensors' device picks the CPU or the CUDA kernel (schemas: compiled_ops.py;
+contract: fastfuse/op_contract.py)."""
 from __future__ import annotations
 
 import torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from . import Backend, compiled
+from . import compiled
+from .base import Backend
 
 
 def _availability() -> tuple[bool, str]:

@@ -14,7 +14,8 @@ import torch
 
 from .. import _extension
 from ..gather import num_gathered_tokens
-from . import Backend, compiled
+from . import compiled
+from .base import Backend
 
 ARCHS = ("sm_80", "sm_90")
 # The order of fastfuse::cuda_launch_plan's answer (csrc/library/launch_plan_query.cpp).
@@ -40,9 +41,8 @@ def _availability() -> tuple[bool, str]:
     return True, f"CUDA kernels (csrc/cuda) on {torch.cuda.get_device_name()} (sm_{major}{minor})"
 
 
-@torch.compiler.assume_constant_result
 def _shared_memory_per_block(device: torch.device) -> int:
-    """The opt-in shared memory of one block on `device` (a constant for torch.compile)."""
+    """The opt-in shared memory of one block on `device` (asked when the op runs, never traced)."""
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
@@ -61,11 +61,11 @@ def launch_plan(dim: int, heads: int, num_tokens: int, dtype: torch.dtype, *, to
     return dict(zip(_PLAN_FIELDS, values))
 
 
-@torch.compiler.assume_constant_result
 def kernel_limits(dim: int, heads: int, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes, layers): the shared memory of the smallest tiles the kernels run with for D, H
     and the dtype, for any token spec, and the most layers one call reads (from
-    csrc/common/launch_plan.h, through the compiled library; a constant for torch.compile)."""
+    csrc/common/launch_plan.h, through the compiled library; asked when the op runs, never
+    while torch.compile traces: fastfuse/ops.py)."""
     plan = launch_plan(dim, heads, 1, dtype, shared_per_block_optin=1, shared_per_multiprocessor=1)
     return plan["min_bytes"], plan["max_layers"]
 

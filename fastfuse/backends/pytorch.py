@@ -1,7 +1,7 @@
 """The "torch" backend: SPEC §2 in plain PyTorch ops, folded but not fused.
 
 It materialises the (B, N, D) gathered and normalised tokens, so it is the slow, obvious
-statement of the kernel contract (fastfuse/backends/compiled_ops.py) that runs on any device.
+statement of the kernel contract (fastfuse/op_contract.py) that runs on any device.
 Forward and backward are written out (not left to autograd) so that every backend implements
 the same two functions behind the one custom op.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..gather import gather_tokens, scatter_token_grads
-from .compiled_ops import compute_dtype
+from ..op_contract import compute_dtype
+from .base import Backend
 
 
 def token_scale(peak):
@@ -95,3 +96,11 @@ def moments(layers, tokens, num_prefix_tokens):
     flat = gathered.reshape(-1, gathered.shape[-1])
     mean = flat.mean(dim=0)
     return mean, (flat - mean).square().mean(dim=0)
+
+
+def _availability() -> tuple[bool, str]:
+    return True, "pure PyTorch, runs on any device"
+
+
+BACKEND = Backend("torch", ("cpu", "cuda", "meta", "mps", "xpu"), _availability, forward, backward,
+                  moments=moments)

@@ -1,9 +1,9 @@
 """The "triton" backend: the Triton kernels of fastfuse/kernels/triton behind the fused op.
 
-The launchers are custom ops, ``fastfuse::triton_pool_forward`` / ``triton_pool_backward``
-(the schemas of compiled_ops.py), made with ``torch.library.triton_op`` and launching through
-``wrap_triton`` so that torch.compile can trace them. They are registered on first use, and
-triton is imported then too: ``import fastfuse`` stays fast and works without triton.
+The launchers are plain functions (the contract of fastfuse/op_contract.py) in the backend
+table: the public op ``fastfuse::attentive_pool`` is opaque to torch.compile and calls them
+when it runs, so they need no op registration of their own. triton is imported on first use:
+``import fastfuse`` stays fast and works without triton.
 
 On a machine without a GPU, TRITON_INTERPRET=1 runs the same kernels on CPU tensors (slowly);
 that is how CI checks them. float16, bfloat16 and float32 tokens accumulate in float32, float64
@@ -27,15 +27,9 @@ from typing import NamedTuple
 import torch
 
 from ..gather import num_gathered_tokens
-from . import Backend
-from .compiled_ops import compute_dtype
+from ..op_contract import compute_dtype
+from .base import Backend
 
-_FORWARD_SCHEMA = ("(Tensor[] layers, Tensor score_weight, str tokens, int num_prefix_tokens, "
-                   "float eps, str normalize) -> (Tensor, Tensor, Tensor, Tensor)")
-_BACKWARD_SCHEMA = ("(Tensor grad_pooled, Tensor? grad_attention, Tensor[] layers, "
-                    "Tensor score_weight, Tensor pooled, Tensor attention, Tensor mean, "
-                    "Tensor rstd, str tokens, int num_prefix_tokens, bool layers_need_grad, "
-                    "str normalize) -> (Tensor[], Tensor)")
 # Persistent grids, in programs per SM, each program looping over samples: about what fits on
 # an SM at once (configs.py: up to 4 register-capped forward programs, about 2 uncapped backward
 # ones), so that each program's scratch slot and dw partial is reused while it is hot in L2,
@@ -341,25 +335,15 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
     return grads, grad_weight.sum(dim=0).to(score_weight.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def ops():
-    """The two triton ops, registered on first call: (forward, backward)."""
-    forward = torch.library.triton_op("fastfuse::triton_pool_forward", _forward,
-                                      mutates_args=(), schema=_FORWARD_SCHEMA)
-    backward = torch.library.triton_op("fastfuse::triton_pool_backward", _backward,
-                                       mutates_args=(), schema=_BACKWARD_SCHEMA)
-    return forward, backward
-
-
 def forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize="layernorm"):
-    return ops()[0](list(layers), score_weight, tokens, num_prefix_tokens, eps, normalize)
+    return _forward(list(layers), score_weight, tokens, num_prefix_tokens, eps, normalize)
 
 
 def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attention, mean, rstd,
              tokens, num_prefix_tokens, layers_need_grad=True, normalize="layernorm"):
-    grad_layers, grad_weight = ops()[1](grad_pooled, grad_attention, list(layers), score_weight,
-                                        pooled, attention, mean, rstd, tokens, num_prefix_tokens,
-                                        layers_need_grad, normalize)
+    grad_layers, grad_weight = _backward(grad_pooled, grad_attention, list(layers), score_weight,
+                                         pooled, attention, mean, rstd, tokens, num_prefix_tokens,
+                                         layers_need_grad, normalize)
     return list(grad_layers), grad_weight
 
 
