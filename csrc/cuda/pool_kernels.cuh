@@ -373,17 +373,24 @@ token_moments_kernel(const __grid_constant__ GatherArgs args, int64_t batch, int
       fill_slots<scalar_t>(args, nullptr, b, n0, count, slots);
       __syncthreads();
       gather_tile<scalar_t, acc_t>(slots, count, dim, padded_dim, tile, partial);
+      // fm::merge_moments with its divisions hoisted out of the D loop (an IEEE division is a
+      // call into its slow path; one per tile, not one per channel).
       const acc_t width = static_cast<acc_t>(count);
+      const acc_t inverse_width = acc_t(1) / width;
+      const acc_t weight = width / (seen + width);
+      const acc_t cross = seen * weight;
       for (int d = threadIdx.x; d < dim; d += kThreads) {
         acc_t tile_mean = 0;
         for (int j = 0; j < count; ++j) tile_mean += tile[j * padded_dim + d];
-        tile_mean /= width;
+        tile_mean *= inverse_width;
         acc_t tile_m2 = 0;
         for (int j = 0; j < count; ++j) {
           const acc_t deviation = tile[j * padded_dim + d] - tile_mean;
           tile_m2 += deviation * deviation;
         }
-        fm::merge_moments(mean_row[d], m2_row[d], seen, tile_mean, tile_m2, width);
+        const acc_t delta = tile_mean - mean_row[d];
+        mean_row[d] += delta * weight;
+        m2_row[d] += tile_m2 + delta * delta * cross;
       }
       seen += width;
       __syncthreads();  // the next tile overwrites `tile` and `slots`

@@ -283,9 +283,13 @@ __device__ void gather_tile(const TokenSlot* slots, int count, int dim, int padd
         if (!isfinite(average) && d < dim) {
           // The sum overflowed (or a row is not finite): average the rows divided first, so
           // huge but finite patches keep a finite average (issue 12 item 7). Rare: no tuning.
+          // (A reciprocal, not a division per row: each IEEE division is a call, and the
+          // unrolled calls cost the kernels a register spill.)
+          const acc_t inverse_rows = acc_t(1) / rows;
           average = 0;
+#pragma unroll 1
           for (int row = 0; row < slot.rows; ++row) {
-            average += static_cast<acc_t>(first[int64_t(row) * slot.stride_row + d * slot.stride_dim]) / rows;
+            average += static_cast<acc_t>(first[int64_t(row) * slot.stride_row + d * slot.stride_dim]) * inverse_rows;
           }
         }
         tile[j * padded_dim + d] = average;
