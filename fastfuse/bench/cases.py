@@ -58,7 +58,7 @@ def _paper_shape(name: str, batch: int, layers: int, dim: int, heads: int) -> Ca
     return Case(name, batch, 2 * layers, dim, heads)  # N = 2L CLS + AP tokens
 
 
-# The full table. Batches keep one paper training step around a few seconds on 2 cores; the
+# The full table. Batches keep one paper training step to seconds on a small CPU; the
 # ViT-B rows use the core benchmark's shapes (B=1024 at N=24, B=256 at N=197).
 FULL_CASES = (
     _paper_shape("vits-cls+ap-n24", 1024, 12, 384, 6),
