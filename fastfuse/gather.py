@@ -106,24 +106,58 @@ def normalize_inputs(x, tokens, num_prefix_tokens) -> tuple[tuple[torch.Tensor, 
 
 
 def gather_tokens(layers, tokens: str, num_prefix_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, N, D) stack of gathered tokens, in ``dtype`` (the unfused statement)."""
-    layers = [layer.to(dtype) for layer in layers]
+    """The (B, N, D) stack of gathered tokens, in ``dtype`` (the unfused statement). The
+    gathered specs convert only what they keep: the CLS rows and the (B, D) averages."""
     if tokens == "all":
-        return torch.cat(layers, dim=1)
+        return torch.cat([layer.to(dtype) for layer in layers], dim=1)
     columns = []
     for layer in layers:
         if tokens in ("cls", "cls+ap"):
-            columns.append(layer[:, 0])
+            columns.append(layer[:, 0].to(dtype))
         if tokens in ("ap", "cls+ap"):
-            columns.append(patch_average(layer[:, num_prefix_tokens:]))
+            columns.append(patch_average(layer[:, num_prefix_tokens:], dtype))
     return torch.stack(columns, dim=1)
 
 
-def patch_average(rows: torch.Tensor) -> torch.Tensor:
-    """The mean over dim 1; where the sum overflows (tokens near the dtype's largest value),
-    the average of rows divided first, so a finite average stays finite (issue 12 item 7)."""
-    average = rows.mean(dim=1)
-    return torch.where(torch.isfinite(average), average, (rows / rows.shape[1]).sum(dim=1))
+def sum_cannot_overflow(source: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether any sum of ``source`` values, accumulated in ``dtype``, stays finite: float16
+    in float32 (65504 x 2^63 rows < 3.4e38) and float32 in float64. A dtype rule, no data."""
+    return torch.finfo(dtype).max / torch.finfo(source).max > 2.0 ** 63
+
+
+def reads_rows_once(rows_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`patch_average` of eager ``rows_dtype`` rows on ``device`` reads them in
+    one pass, with no converted copy and no host synchronisation in the normal case:
+    - on CPU, rows already in ``dtype`` (torch converts half rows to a full float32 copy
+      before a wider reduction; only CUDA reads half rows straight into a float32 sum);
+    - on CUDA, float16 rows (a float32 sum of them cannot overflow: no fallback pass).
+    Under torch.compile every case is one pass (the compiler fuses the conversion and both
+    reductions of the fallback into one loop over the rows)."""
+    if device.type == "cpu":
+        return rows_dtype == dtype
+    return device.type == "cuda" and rows_dtype == torch.float16 and sum_cannot_overflow(rows_dtype, dtype)
+
+
+def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mean over dim 1 in ``dtype`` (a float32 or float64 accumulation of the rows as they
+    are, never a converted copy of them where torch can avoid it). Where the sum overflows
+    (tokens near the dtype's largest value), the average of rows divided first, so that a
+    finite average stays finite (issue 12 item 7). The fallback's cost, case by case:
+    - no overflow possible (sum_cannot_overflow): none;
+    - eager CPU: one check of the (B, D) average (a host read is free there); the second
+      pass only for a layer whose average overflowed;
+    - elsewhere (GPU, torch.compile): torch.where, sync-free. Eager PyTorch has no sync-free
+      single pass that is also overflow-safe (torch.var_mean's running mean still overflows for
+      huge values of both signs and keeps half rows in half), so an eager GPU pays the
+      second pass; under torch.compile the two reductions fuse into one loop over the rows."""
+    average = rows.mean(dim=1, dtype=dtype)
+    if sum_cannot_overflow(rows.dtype, dtype):
+        return average
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(torch.isfinite(average).all()):
+            return average
+    divided_first = (rows.to(dtype) / rows.shape[1]).sum(dim=1)
+    return torch.where(torch.isfinite(average), average, divided_first)
 
 
 def scatter_token_grads(grad_tokens: torch.Tensor, layers, tokens: str, num_prefix_tokens: int):

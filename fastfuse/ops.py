@@ -8,7 +8,9 @@ Input checking happens in :func:`attentive_pool`, before any kernel runs. The ba
 chosen there in eager mode (so a backend that cannot serve the input is refused up front);
 inside a graph traced by torch.compile only the requested name ("auto", or an explicit one)
 is recorded and the op chooses when it runs. Backend availability (library loading, imports,
-GPU queries) is thus never traced, and ``import fastfuse`` needs no torch._dynamo.
+GPU queries) is thus never traced, and ``import fastfuse`` needs no torch._dynamo. The
+frozen-features gather before the op (:func:`attentive_pool`) is plain torch ops, traced like
+any other; the op stays one opaque node.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .backends import get as _get_backend, requested_name, resolve as _resolve_backend
-from .gather import normalize_inputs
+from .gather import gather_tokens, normalize_inputs, reads_rows_once
 from .op_contract import NORMALIZATIONS, compute_dtype, fake_backward, fake_forward
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -130,19 +132,46 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
         pooled (B, H, D): ``z_h = sum_n a_hn xh_n`` over the (normalised) tokens xh, and
         attention (B, H, N): ``a_hn = softmax_n(w_h . xh_n)``; float64 for float64 tokens,
         else float32. Differentiable w.r.t. ``x`` (each layer) and ``score_weight``.
+
+    Frozen features (a gathered spec, no layer requiring grad, ``score_weight`` requiring
+    grad, grad mode on): the tokens are gathered first in plain PyTorch ops, in the compute
+    dtype, and the op runs on that (B, N, D) stack with tokens="all", so training reads the
+    layers once instead of once in the forward and again in the backward. The stack is kept
+    for the backward (small next to the layers: N rows per sample instead of sum T_l). Where
+    that gather would itself read the layers more than once (see gather.reads_rows_once:
+    half layers on CPU, float32/bfloat16/float64 layers on an eager GPU), and in inference or
+    when a layer needs its gradient, the op gathers inside its kernels as before.
     """
     layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
     score_weight = check_score_weight(score_weight, layers[0])
     eps = check_eps(eps)
     normalize = check_normalize(normalize)
+    acc = compute_dtype(layers[0].dtype)
+    if _gather_first(layers, tokens, score_weight, acc):
+        # Frozen features in training: gather once here, so the fused op and its backward
+        # touch only the small (B, N, D) stack (kept for the backward), never the layers again.
+        layers = (gather_tokens(layers, tokens, num_prefix_tokens, acc),)
+        tokens, num_prefix_tokens = "all", 0
     name = requested_name(backend)
     if not torch.compiler.is_compiling():
         name = _resolve_backend(name, layers, score_weight, normalize=normalize)
-    acc = compute_dtype(layers[0].dtype)
     pooled, attention, _mean, _rstd = _attentive_pool_op(
         list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name,
         normalize)
     return pooled, attention
+
+
+def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype) -> bool:
+    """Whether to gather the tokens in plain PyTorch before the op: a gathered spec, no layer
+    needing a gradient, a gradient to come (else the fused gather reads the layers once
+    anyway), and a gather that reads the layers once itself (gather.reads_rows_once; always
+    under torch.compile, where the gather fuses into one pass)."""
+    if tokens == "all" or not (torch.is_grad_enabled() and score_weight.requires_grad):
+        return False
+    if any(layer.requires_grad for layer in layers):
+        return False
+    return (torch.compiler.is_compiling()
+            or reads_rows_once(layers[0].dtype, acc, layers[0].device))
 
 
 def check_normalize(normalize) -> str:
