@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 TOKEN_SPECS = ("cls", "ap", "cls+ap", "all")
 DEFAULT_LAYER_SPEC = "cls+ap"
@@ -138,6 +139,14 @@ def reads_rows_once(rows_dtype: torch.dtype, dtype: torch.dtype, device: torch.d
     return device.type == "cuda" and rows_dtype == torch.float16 and sum_cannot_overflow(rows_dtype, dtype)
 
 
+def _holds_real_data(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a plain eager tensor whose values may be read on the host: not
+    traced (torch.compile, AOT autograd, opcheck: fake or functional tensors, dispatch modes),
+    where a data-dependent branch cannot be recorded."""
+    return (type(tensor) is torch.Tensor and not torch.compiler.is_compiling()
+            and _current_dispatch_mode() is None)
+
+
 def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The mean over dim 1 in ``dtype`` (a float32 or float64 accumulation of the rows as they
     are, never a converted copy of them where torch can avoid it). Where the sum overflows
@@ -153,7 +162,7 @@ def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     average = rows.mean(dim=1, dtype=dtype)
     if sum_cannot_overflow(rows.dtype, dtype):
         return average
-    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
+    if rows.device.type == "cpu" and _holds_real_data(average):
         if bool(torch.isfinite(average).all()):
             return average
     divided_first = (rows.to(dtype) / rows.shape[1]).sum(dim=1)
