@@ -54,3 +54,13 @@ def pytest_report_header(config):
 @pytest.fixture(params=backend_cases())
 def backend_device(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny problems: more threads only add scheduling noise);
+    used by ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

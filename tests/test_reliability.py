@@ -49,12 +49,7 @@ def temporaries(folder):
     return sorted(path.name for path in Path(folder).rglob(storage.TEMP_PREFIX + "*"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

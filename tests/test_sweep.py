@@ -21,13 +21,7 @@ GRID = {"lr": [1e-3, 1e-2], "wd": [1e-4, 1e-2], "seed": [0, 1]}
 RUN = dict(num_heads=2, epochs=2, batch_size=16, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny problems: more threads only add scheduling noise to them.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

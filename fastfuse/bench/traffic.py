@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,22 +128,45 @@ def _candidates(kernel: str, shape: Shape, num_tokens: int):
                       "float16" if shape.itemsize == 2 else "float32" if shape.itemsize == 4 else "float64")
 
 
+class _Sizes(NamedTuple):
+    """What both launch models start from (the names of the kernels' docstrings)."""
+    B: int                  # samples
+    N: int                  # gathered tokens per sample
+    D: int
+    H: int
+    e: int                  # token element size
+    a: int                  # accumulator element size (8 for float64 tokens, else 4)
+    gathered: bool          # GATHERED addressing: averaged rows go through a scratch slot
+    tiles_n: int
+    tiles_d: int
+    head_blocks: int
+    source: int             # bytes of one read of a sample's tokens
+    rows: int               # layer rows read per sample
+
+
+def _sizes(shape: Shape, launch, config: tuple) -> _Sizes:
+    from ..backends.triton import GATHERED
+
+    block_n, block_d, block_h = config[:3]
+    N, D, H = launch.num_tokens, shape.dim, shape.heads
+    e, a = shape.itemsize, (8 if shape.itemsize == 8 else 4)
+    gathered = launch.addressing == GATHERED
+    return _Sizes(shape.batch, N, D, H, e, a, gathered, math.ceil(N / block_n), math.ceil(D / block_d),
+                  math.ceil(H / block_h), N * D * (a if gathered else e),
+                  sum(_token_counts(shape)) if gathered else N)
+
+
 def forward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None) -> Traffic:
     """One forward launch at ``shape`` with ``config`` (BLOCK_N, BLOCK_D, BLOCK_H, ...), or the
     autotuner's kept config that moves the fewest DRAM bytes."""
-    from ..backends.triton import FORWARD_PROGRAMS_PER_SM, GATHERED, forward_sample_bytes
+    from ..backends.triton import FORWARD_PROGRAMS_PER_SM, forward_sample_bytes
 
     launch = _launch(shape)
     if config is None:
         return min((forward_traffic(shape, gpu, row) for row in _candidates("forward", shape, launch.num_tokens)),
                    key=lambda traffic: traffic.dram)
     block_n, block_d, block_h = config[:3]
-    B, N, D, H = shape.batch, launch.num_tokens, shape.dim, shape.heads
-    e, a = shape.itemsize, (8 if shape.itemsize == 8 else 4)
-    gathered = launch.addressing == GATHERED
-    tiles_n, tiles_d, head_blocks = math.ceil(N / block_n), math.ceil(D / block_d), math.ceil(H / block_h)
-    source = N * D * (a if gathered else e)          # one read of the sample's tokens
-    rows = sum(_token_counts(shape)) if gathered else N
+    B, N, D, H, e, a, gathered, tiles_n, tiles_d, head_blocks, source, rows = _sizes(shape, launch, config)
     # Reads of a token tile: max |x| and the moments (LayerNorm statistics), then two per head
     # block (scores, pooled sum); kernels/triton/pool_forward.py.
     passes = 2 + 2 * head_blocks
@@ -182,7 +206,7 @@ def forward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None) 
 def backward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None,
                      layers_need_grad: bool = False, grad_attention: bool = False) -> Traffic:
     """One backward launch (frozen features by default: the sweep's case)."""
-    from ..backends.triton import BACKWARD_PROGRAMS_PER_SM, GATHERED, backward_sample_bytes
+    from ..backends.triton import BACKWARD_PROGRAMS_PER_SM, backward_sample_bytes
 
     launch = _launch(shape)
     if config is None:
@@ -190,12 +214,7 @@ def backward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None,
                     for row in _candidates("backward", shape, launch.num_tokens)),
                    key=lambda traffic: traffic.dram)
     block_n, block_d, block_h = config[:3]
-    B, N, D, H = shape.batch, launch.num_tokens, shape.dim, shape.heads
-    e, a = shape.itemsize, (8 if shape.itemsize == 8 else 4)
-    gathered = launch.addressing == GATHERED
-    tiles_n, tiles_d, head_blocks = math.ceil(N / block_n), math.ceil(D / block_d), math.ceil(H / block_h)
-    source = N * D * (a if gathered else e)
-    rows = sum(_token_counts(shape)) if gathered else N
+    B, N, D, H, e, a, gathered, tiles_n, tiles_d, head_blocks, source, rows = _sizes(shape, launch, config)
     token_reads = head_blocks + 1                      # pass 1 per head block, pass 2 once
     gA = 1 if grad_attention else 0
     written_rows = shape.layers * shape.layer_tokens if gathered else N

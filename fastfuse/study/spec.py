@@ -231,15 +231,22 @@ def _unique(check: _Checker, field: str, labels: list) -> None:
         check.fail(field, f"labels must be unique; repeated: {repeated} (set 'label' to tell them apart)")
 
 
-def _backbones(check: _Checker, entries, base: Path) -> list[Backbone]:
+def _tables(check: _Checker, section: str, entries, needs: str):
+    """(field name, table) of each [[section]] entry; at least one, each a table of known keys."""
     if not isinstance(entries, list) or not entries:
-        check.fail("backbones", "needs at least one [[backbones]] entry with a timm 'name'")
-    backbones = []
+        check.fail(section, needs)
     for index, entry in enumerate(entries):
-        field = f"backbones[{index}]"
+        field = f"{section}[{index}]"
         if not isinstance(entry, dict):
             check.fail(field, "must be a table")
         check.keys(field, entry)
+        yield field, entry
+
+
+def _backbones(check: _Checker, entries, base: Path) -> list[Backbone]:
+    backbones = []
+    for field, entry in _tables(check, "backbones", entries,
+                                "needs at least one [[backbones]] entry with a timm 'name'"):
         name = check.string(f"{field}.name", entry.get("name"))
         pretrained = entry.get("pretrained", False)
         if isinstance(pretrained, str):
@@ -256,14 +263,8 @@ def _backbones(check: _Checker, entries, base: Path) -> list[Backbone]:
 
 
 def _datasets(check: _Checker, entries, base: Path, backbone_labels: set) -> list[Dataset]:
-    if not isinstance(entries, list) or not entries:
-        check.fail("datasets", "needs at least one [[datasets]] entry")
     datasets = []
-    for index, entry in enumerate(entries):
-        field = f"datasets[{index}]"
-        if not isinstance(entry, dict):
-            check.fail(field, "must be a table")
-        check.keys(field, entry)
+    for field, entry in _tables(check, "datasets", entries, "needs at least one [[datasets]] entry"):
         name = entry.get("name")
         sources = [key for key in ("builtin", "path", "features") if key in entry]
         if not sources and name in BUILTIN_DATASETS:
