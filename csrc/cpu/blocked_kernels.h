@@ -87,12 +87,20 @@ inline T reduce_max_abs(int64_t dim, const T* __restrict row) {
 // out[r * out_stride + c] = x_r . y_c for r < rows, c < cols: the H x tile scores w_h . xh_n
 // (and g_h . xh_n in the backward). Each block keeps kRowBlock x kDotColumns partial sums of one
 // vector each in registers, so a chunk of x_r or y_c is loaded once per block.
-template <typename T>
+//
+// `between_blocks()` runs before each block (e.g. RowPrefetcher::step: memory reads for later
+// work, spread over the arithmetic).
+struct NoHook {
+  void operator()() const {}
+};
+
+template <typename T, typename Hook = NoHook>
 void block_dots(const T* __restrict x, int64_t rows, const T* __restrict y, int64_t cols,
-                int64_t padded_dim, T* __restrict out, int64_t out_stride) {
+                int64_t padded_dim, T* __restrict out, int64_t out_stride, Hook between_blocks = {}) {
   constexpr int64_t kLanes = lanes<T>();
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     for (int64_t c0 = 0; c0 < cols; c0 += kDotColumns) {
+      between_blocks();
       T partial[kRowBlock][kDotColumns][kLanes] = {};
       for (int64_t d0 = 0; d0 < padded_dim; d0 += kLanes) {
         for (int i = 0; i < kRowBlock; ++i) {
@@ -146,15 +154,17 @@ inline void accumulate_rows_block(T* __restrict c, int64_t r0, int64_t d0, const
 // k * a_k_stride] and s_r = row_scale[r] (1 when row_scale is null; c_r is not read when
 // overwrite). Covers the online-softmax accumulator (acc_h = alpha_h acc_h + sum_n p_hn xh_n),
 // dw_h += sum_n ds_hn xh_n and dxh_n = sum_h a_hn g_h + ds_hn w_h. Each block holds
-// kRowBlock x 2 vectors of c in registers across the whole k loop.
-template <typename T>
+// kRowBlock x 2 vectors of c in registers across the whole k loop. `between_blocks`: as in
+// block_dots.
+template <typename T, typename Hook = NoHook>
 void accumulate_rows(T* __restrict c, int64_t rows, const T* __restrict a, int64_t a_row_stride,
                      int64_t a_k_stride, const T* __restrict b, int64_t depth, int64_t padded_dim,
-                     const T* row_scale, bool overwrite) {
+                     const T* row_scale, bool overwrite, Hook between_blocks = {}) {
   constexpr int64_t kLanes = lanes<T>();
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     int64_t d0 = 0;
     for (; d0 + kWideChunks * kLanes <= padded_dim; d0 += kWideChunks * kLanes) {
+      between_blocks();
       accumulate_rows_block<T, kWideChunks>(c, r0, d0, a, a_row_stride, a_k_stride, b, depth,
                                             padded_dim, row_scale, overwrite);
     }

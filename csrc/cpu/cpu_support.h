@@ -102,14 +102,70 @@ inline void load_row(const in_t* __restrict row, int64_t stride_dim, int64_t dim
   }
 }
 
-// Token `source` of sample b, in the compute dtype (an "ap" token averages its rows there).
+// max |x| and sum x of one token row: what its LayerNorm statistics need before the
+// centred pass (token_statistics).
+template <typename acc_t>
+struct RowScan {
+  acc_t peak, sum;
+};
+
+// out[d] = row[d] in the compute dtype, scanned on the way (max |x|, sum x) while the copy waits
+// on memory. The sum's order is reduce_sum's (four vector accumulators, then the tail).
 template <typename in_t, typename acc_t>
-inline void gather_token(const LayerView<in_t>& layer, const TokenSource& source, int64_t b,
-                  int64_t dim, int64_t num_prefix_tokens, acc_t* __restrict out) {
+inline RowScan<acc_t> load_row_scanned(const in_t* __restrict row, int64_t stride_dim, int64_t dim,
+                                       acc_t* __restrict out) {
+  constexpr int64_t kWidth = 4 * lanes<acc_t>();
+  acc_t partial_sum[kWidth] = {};
+  acc_t partial_peak[kWidth] = {};
+  int64_t d = 0;
+  if (stride_dim == 1) {
+    for (; d + kWidth <= dim; d += kWidth) {
+#pragma omp simd
+      for (int64_t v = 0; v < kWidth; ++v) {
+        const acc_t value = acc_t(row[d + v]);
+        out[d + v] = value;
+        partial_sum[v] += value;
+        const acc_t magnitude = value < acc_t(0) ? -value : value;
+        partial_peak[v] = partial_peak[v] > magnitude ? partial_peak[v] : magnitude;
+      }
+    }
+  } else {
+    for (; d + kWidth <= dim; d += kWidth) {
+      for (int64_t v = 0; v < kWidth; ++v) {
+        const acc_t value = acc_t(row[(d + v) * stride_dim]);
+        out[d + v] = value;
+        partial_sum[v] += value;
+        const acc_t magnitude = value < acc_t(0) ? -value : value;
+        partial_peak[v] = partial_peak[v] > magnitude ? partial_peak[v] : magnitude;
+      }
+    }
+  }
+  acc_t tail = 0, peak = 0;
+  for (int64_t v = 0; v < kWidth; ++v) peak = peak > partial_peak[v] ? peak : partial_peak[v];
+  for (; d < dim; ++d) {
+    const acc_t value = acc_t(row[d * stride_dim]);
+    out[d] = value;
+    tail += value;
+    const acc_t magnitude = value < acc_t(0) ? -value : value;
+    peak = peak > magnitude ? peak : magnitude;
+  }
+  return {peak, sum_lanes(partial_sum) + tail};
+}
+
+template <typename acc_t>
+inline RowScan<acc_t> scan_row(const acc_t* __restrict row, int64_t dim) {
+  return {reduce_max_abs<acc_t>(dim, row), reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d]; })};
+}
+
+// Token `source` of sample b, in the compute dtype (an "ap" token averages its rows there),
+// with its RowScan.
+template <typename in_t, typename acc_t>
+inline RowScan<acc_t> gather_token(const LayerView<in_t>& layer, const TokenSource& source, int64_t b,
+                                   int64_t dim, int64_t num_prefix_tokens, acc_t* __restrict out) {
   const in_t* sample = layer.data + b * layer.stride_batch;
   if (source.row != TokenSource::kAverageRow) {
-    load_row<in_t, acc_t, false>(sample + source.row * layer.stride_row, layer.stride_dim, dim, out);
-    return;
+    return load_row_scanned<in_t, acc_t>(sample + source.row * layer.stride_row, layer.stride_dim,
+                                         dim, out);
   }
   load_row<in_t, acc_t, false>(sample + num_prefix_tokens * layer.stride_row, layer.stride_dim,
                                dim, out);
@@ -123,7 +179,7 @@ inline void gather_token(const LayerView<in_t>& layer, const TokenSource& source
     out[d] /= count;
     finite = finite && std::isfinite(out[d]);
   }
-  if (finite) return;
+  if (finite) return scan_row(out, dim);  // (the row is in L1 by now)
   // The sum overflowed (or a row is not finite): average rows divided first, so that huge
   // but finite patches keep a finite average (issue 12 item 7).
   std::fill(out, out + dim, acc_t(0));
@@ -131,23 +187,23 @@ inline void gather_token(const LayerView<in_t>& layer, const TokenSource& source
     const in_t* values = sample + row * layer.stride_row;
     for (int64_t d = 0; d < dim; ++d) out[d] += acc_t(values[d * layer.stride_dim]) / count;
   }
+  return scan_row(out, dim);
 }
 
 // LayerNorm statistics of one token row (SPEC §2), robust to its magnitude
-// (fused_pool_math.h: token_scale). Summation order is that of reduce_sum, so tokens with
-// max |x| <= 1 get the statistics of the plain two-pass formula bit for bit.
+// (fused_pool_math.h: token_scale), from its RowScan. Summation order is that of reduce_sum,
+// so tokens with max |x| <= 1 get the statistics of the plain two-pass formula bit for bit.
 template <typename acc_t>
-inline void token_statistics(const acc_t* __restrict row, int64_t dim, acc_t eps,
+inline void token_statistics(const acc_t* __restrict row, int64_t dim, acc_t eps, RowScan<acc_t> scan,
                              acc_t& mean_out, acc_t& rstd_out) {
   namespace fm = fastfuse::math;
   const acc_t dim_count = static_cast<acc_t>(dim);
-  const acc_t peak = reduce_max_abs<acc_t>(dim, row);
-  const acc_t scale = fm::token_scale(peak);
+  const acc_t scale = fm::token_scale(scan.peak);
   const acc_t inverse = acc_t(1) / scale;  // a power of two: multiplying by it is exact
-  acc_t sum = reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d]; });
   // sum(x) / scale == sum(x / scale) unless sum(x) overflowed: then sum the scaled values.
-  sum = std::isfinite(sum) ? sum * inverse
-                           : reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d] * inverse; });
+  const acc_t sum = std::isfinite(scan.sum)
+                        ? scan.sum * inverse
+                        : reduce_sum<acc_t>(dim, [&](int64_t d) { return row[d] * inverse; });
   const acc_t mean_scaled = sum / dim_count;
   const acc_t centered = reduce_sum<acc_t>(dim, [&](int64_t d) {
     const acc_t deviation = row[d] * inverse - mean_scaled;
@@ -157,18 +213,73 @@ inline void token_statistics(const acc_t* __restrict row, int64_t dim, acc_t eps
   rstd_out = fm::scaled_layernorm_rstd(centered, dim_count, eps, scale) * inverse;
 }
 
+template <typename acc_t>
+inline void token_statistics(const acc_t* __restrict row, int64_t dim, acc_t eps, acc_t& mean_out,
+                             acc_t& rstd_out) {
+  token_statistics(row, dim, eps, scan_row(row, dim), mean_out, rstd_out);
+}
+
 // Tokens n0..n0+count-1 of sample b into the rows of `tile`, back to back: one burst of reads
 // that the hardware prefetcher follows (gathering and normalising token by token instead
-// interrupts the stream and made the gather twice as slow).
+// interrupts the stream and made the gather twice as slow). scans[j] (if given): token j's
+// RowScan, taken during the copy.
 template <typename in_t, typename acc_t>
 inline void gather_tile(const std::vector<LayerView<in_t>>& views, const PoolProblem& problem, int64_t b,
-                 int64_t n0, int64_t count, acc_t* tile, int64_t padded_dim) {
+                        int64_t n0, int64_t count, acc_t* tile, int64_t padded_dim,
+                        RowScan<acc_t>* scans = nullptr) {
   for (int64_t j = 0; j < count; ++j) {
     const TokenSource& source = problem.sources[n0 + j];
-    gather_token(views[source.layer], source, b, problem.dim, problem.num_prefix_tokens,
-                 tile + j * padded_dim);
+    const RowScan<acc_t> scan = gather_token(views[source.layer], source, b, problem.dim,
+                                             problem.num_prefix_tokens, tile + j * padded_dim);
+    if (scans != nullptr) scans[j] = scan;
   }
 }
+
+// Software prefetch of the next tile's token rows, issued a few cache lines at a time between
+// the blocks of the current tile's products, so that their DRAM reads overlap arithmetic
+// instead of forming a read phase of their own (gather_tile then finds them in L2). Rows read
+// through a feature stride and averaged tokens ("ap": many rows, little arithmetic per byte)
+// are left to the hardware.
+template <typename in_t>
+class RowPrefetcher {
+ public:
+  static constexpr int64_t kLine = 64;
+
+  void plan(const std::vector<LayerView<in_t>>& views, const PoolProblem& problem, int64_t b,
+            int64_t n0, int64_t count, int64_t steps) {
+    rows_ = 0;
+    row_ = 0;
+    offset_ = 0;
+    const int64_t bytes = problem.dim * static_cast<int64_t>(sizeof(in_t));
+    for (int64_t j = 0; j < count && rows_ < kTileTokens; ++j) {
+      const TokenSource& source = problem.sources[n0 + j];
+      const LayerView<in_t>& layer = views[source.layer];
+      if (source.row == TokenSource::kAverageRow || layer.stride_dim != 1) continue;
+      starts_[rows_++] = reinterpret_cast<const char*>(layer.data + b * layer.stride_batch +
+                                                       source.row * layer.stride_row);
+    }
+    row_bytes_ = bytes;
+    const int64_t lines = rows_ * ((bytes + kLine - 1) / kLine);
+    per_step_ = steps > 0 ? (lines + steps - 1) / steps : lines;
+  }
+
+  void step() {
+    for (int64_t issued = 0; issued < per_step_ && row_ < rows_; ++issued) {
+      __builtin_prefetch(starts_[row_] + offset_, 0, 2);
+      offset_ += kLine;
+      if (offset_ >= row_bytes_) {
+        offset_ = 0;
+        ++row_;
+      }
+    }
+  }
+
+  void operator()() { step(); }
+
+ private:
+  const char* starts_[kTileTokens];
+  int64_t rows_ = 0, row_ = 0, offset_ = 0, row_bytes_ = 0, per_step_ = 0;
+};
 
 // Threads for `items` independent work items costing about `cost_per_item` multiply-adds each:
 // at most torch's thread count (torch.set_num_threads), and one per ~256K multiply-adds, so

@@ -48,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   // Per-thread scratch, allocated here so that a failed allocation throws outside OpenMP.
   struct ThreadScratch {
     Scratch<acc_t> tile, scores, accumulator, running_max, running_sum, rescale;
+    RowPrefetcher<in_t> prefetch;
   };
   const int workers = worker_count(batch, num_tokens * padded_dim * (padded_heads + 4));
   std::vector<ThreadScratch> scratch(workers);
@@ -87,14 +88,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       const int64_t count = std::min(kTileTokens, num_tokens - n0);
       const int64_t padded_count = round_up(count, kRowBlock);
       // Gather and normalise the tile's tokens; store their statistics.
-      gather_tile(views, problem, b, n0, count, tile, padded_dim);
+      RowScan<acc_t> scans[kTileTokens];
+      gather_tile(views, problem, b, n0, count, tile, padded_dim, scans);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t n = n0 + j;
         acc_t* row = tile + j * padded_dim;
         // normalize="none": the raw tokens, saved as mean 0 and rstd 1.
         acc_t row_mean = 0, row_rstd = 1;
         if (layernorm) {
-          token_statistics(row, dim, eps, row_mean, row_rstd);
+          token_statistics(row, dim, eps, scans[j], row_mean, row_rstd);
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) row[d] = fm::layernorm_normalize(row[d], row_mean, row_rstd);
         }
@@ -103,8 +105,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       }
       std::fill(tile + count * padded_dim, tile + padded_count * padded_dim, acc_t(0));
 
+      // The next tile's rows come in while this one's products run (RowPrefetcher).
+      const int64_t next = n0 + kTileTokens;
+      const int64_t dot_blocks = (padded_heads / kRowBlock) * (padded_count / kDotColumns);
+      const int64_t accumulate_blocks = (padded_heads / kRowBlock) * (padded_dim / (kWideChunks * lanes<acc_t>()));
+      RowPrefetcher<in_t>& prefetch = s.prefetch;
+      prefetch.plan(views, problem, next < num_tokens ? b : b + 1, next < num_tokens ? next : 0,
+                    next < num_tokens ? std::min(kTileTokens, num_tokens - next)
+                                      : (b + 1 < batch ? std::min(kTileTokens, num_tokens) : 0),
+                    dot_blocks + accumulate_blocks);
+      auto between_blocks = [&prefetch] { prefetch.step(); };
       // s_hn = w_h . xh_n for the tile (padded heads and tokens give 0).
-      block_dots(weight.get(), padded_heads, tile, padded_count, padded_dim, scores, kTileTokens);
+      block_dots(weight.get(), padded_heads, tile, padded_count, padded_dim, scores, kTileTokens,
+                 between_blocks);
 
       // Online softmax: keep raw scores for the final normalisation, turn the tile's scores
       // into weights relative to the new running maximum.
@@ -129,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       }
       // acc_h = rescale_h * acc_h + sum_n p_hn xh_n
       accumulate_rows(accumulator, padded_heads, scores, kTileTokens, 1, tile, padded_count,
-                      padded_dim, rescale, /*overwrite=*/false);
+                      padded_dim, rescale, /*overwrite=*/false, between_blocks);
     }
 
     for (int64_t h = 0; h < heads; ++h) {
