@@ -159,6 +159,12 @@ def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
       single pass that is also overflow-safe (torch.var_mean's running mean still overflows for
       huge values of both signs and keeps half rows in half), so an eager GPU pays the
       second pass; under torch.compile the two reductions fuse into one loop over the rows."""
+    if rows.device.type == "cpu" and rows.dtype == dtype and rows.shape[1] > 0:
+        # A batched GEMV with weights 1/T: each row is divided before it is summed (no
+        # overflow, no check), in one pass over the rows; torch's mean over this middle dim
+        # took about twice as long as one read of the rows on the development machine.
+        weights = rows.new_full((rows.shape[0], 1, rows.shape[1]), 1.0 / rows.shape[1])
+        return torch.bmm(weights, rows).squeeze(1)
     average = rows.mean(dim=1, dtype=dtype)
     if sum_cannot_overflow(rows.dtype, dtype):
         return average
