@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .backends import cuda as cuda_backend
 from .backends import get as _get_backend, requested_name, resolve as _resolve_backend
 from .gather import gather_tokens, normalize_inputs, reads_rows_once
 from .op_contract import NORMALIZATIONS, compute_dtype, fake_backward, fake_forward
@@ -147,31 +148,39 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     eps = check_eps(eps)
     normalize = check_normalize(normalize)
     acc = compute_dtype(layers[0].dtype)
-    if _gather_first(layers, tokens, score_weight, acc):
-        # Frozen features in training: gather once here, so the fused op and its backward
-        # touch only the small (B, N, D) stack (kept for the backward), never the layers again.
-        layers = (gather_tokens(layers, tokens, num_prefix_tokens, acc),)
-        tokens, num_prefix_tokens = "all", 0
     name = requested_name(backend)
     if not torch.compiler.is_compiling():
         name = _resolve_backend(name, layers, score_weight, normalize=normalize)
+    if _gather_first(layers, tokens, score_weight, acc, name):
+        # Gather once here, so the fused op (and its backward) touch only the small (B, N, D)
+        # stack (kept for the backward), never the layers again.
+        layers = (gather_tokens(layers, tokens, num_prefix_tokens, acc),)
+        tokens, num_prefix_tokens = "all", 0
     pooled, attention, _mean, _rstd = _attentive_pool_op(
         list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name,
         normalize)
     return pooled, attention
 
 
-def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype) -> bool:
-    """Whether to gather the tokens in plain PyTorch before the op: a gathered spec, no layer
-    needing a gradient, a gradient to come (else the fused gather reads the layers once
-    anyway), and a gather that reads the layers once itself (gather.reads_rows_once; always
-    under torch.compile, where the gather fuses into one pass)."""
-    if tokens == "all" or not (torch.is_grad_enabled() and score_weight.requires_grad):
+def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype, backend: str) -> bool:
+    """Whether to gather the tokens in plain PyTorch before the op (no layer needing a
+    gradient, a gathered spec), when the fused gather would read the layers more often:
+    - the cuda backend would split the heads into several tiles, each gathering the patch
+      averages again (backends/cuda.py: forward_head_tiles), in inference too: one gather
+      here reads the rows once (gather.reads_rows_once), else twice (patch_average's
+      overflow-safe form), so it takes over from two tiles, else from three;
+    - frozen features in training (a gradient to come, else the fused gather reads the layers
+      once anyway), where the gather itself reads the layers once (gather.reads_rows_once;
+      always under torch.compile, where the gather fuses into one pass)."""
+    if tokens == "all" or any(layer.requires_grad for layer in layers):
         return False
-    if any(layer.requires_grad for layer in layers):
+    one_pass = reads_rows_once(layers[0].dtype, acc, layers[0].device)
+    if (backend == "cuda" and tokens != "cls" and not torch.compiler.is_compiling()
+            and cuda_backend.forward_head_tiles(layers, tokens, score_weight.shape[0]) > (1 if one_pass else 2)):
+        return True
+    if not (torch.is_grad_enabled() and score_weight.requires_grad):
         return False
-    return (torch.compiler.is_compiling()
-            or reads_rows_once(layers[0].dtype, acc, layers[0].device))
+    return torch.compiler.is_compiling() or one_pass
 
 
 def check_normalize(normalize) -> str:
