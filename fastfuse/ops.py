@@ -141,7 +141,9 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     for the backward (small next to the layers: N rows per sample instead of sum T_l). Where
     that gather would itself read the layers more than once (see gather.reads_rows_once:
     half layers on CPU, float32/bfloat16/float64 layers on an eager GPU), and in inference or
-    when a layer needs its gradient, the op gathers inside its kernels as before.
+    when a layer needs its gradient, the op gathers inside its kernels as before; except on the
+    cuda backend when its forward would split the heads into several tiles, each gathering
+    the tokens again (_gather_first).
     """
     layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
     score_weight = check_score_weight(score_weight, layers[0])
