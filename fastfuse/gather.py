@@ -159,10 +159,13 @@ def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
       single pass that is also overflow-safe (torch.var_mean's running mean still overflows for
       huge values of both signs and keeps half rows in half), so an eager GPU pays the
       second pass; under torch.compile the two reductions fuse into one loop over the rows."""
-    if rows.device.type == "cpu" and rows.dtype == dtype and rows.shape[1] > 0:
+    if (rows.device.type == "cpu" and rows.dtype == dtype and rows.shape[1] > 0
+            and not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() == "highest"):
         # A batched GEMV with weights 1/T: each row is divided before it is summed (no
         # overflow, no check), in one pass over the rows; torch's mean over this middle dim
-        # took about twice as long as one read of the rows on the development machine.
+        # took about twice as long as one read of the rows on the development machine. Only
+        # eager and at full matmul precision (a lower one may round the products to bfloat16;
+        # torch.compile fuses the mean and its fallback into one pass anyway).
         weights = rows.new_full((rows.shape[0], 1, rows.shape[1]), 1.0 / rows.shape[1])
         return torch.bmm(weights, rows).squeeze(1)
     average = rows.mean(dim=1, dtype=dtype)

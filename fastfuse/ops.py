@@ -177,9 +177,10 @@ def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype, b
     if tokens == "all" or any(layer.requires_grad for layer in layers):
         return False
     one_pass = reads_rows_once(layers[0].dtype, acc, layers[0].device)
-    if (backend == "cuda" and tokens != "cls" and not torch.compiler.is_compiling()
-            and cuda_backend.forward_head_tiles(layers, tokens, score_weight.shape[0]) > (1 if one_pass else 2)):
-        return True
+    if backend == "cuda" and tokens != "cls" and not torch.compiler.is_compiling():
+        head_tiles = cuda_backend.forward_head_tiles(layers, tokens, score_weight.shape[0])
+        if head_tiles > (1 if one_pass else 2):
+            return True
     if not (torch.is_grad_enabled() and score_weight.requires_grad):
         return False
     return torch.compiler.is_compiling() or one_pass
