@@ -63,6 +63,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
   // dxh_n = sum_h a_hn g_h + ds_hn w_h is one accumulate_rows over 2 padded_heads rows.
   struct ThreadScratch {
     Scratch<acc_t> stacked, tile, grad_tile, dots, coefficients, baseline, token_grads;
+    RowPrefetcher<in_t> prefetch;
   };
   const int workers =
       worker_count(num_chunks, (batch / num_chunks) * num_tokens * padded_dim * (padded_heads + 2));
@@ -133,8 +134,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
         }
         std::fill(tile + count * padded_dim, tile + padded_count * padded_dim, acc_t(0));
 
+        // The next tile's rows (or the next sample's first) come in while this tile's
+        // products run (RowPrefetcher), as in the forward.
+        const int64_t next = n0 + kTileTokens;
+        const bool same_sample = next < num_tokens;
+        const int64_t next_count = same_sample ? std::min(kTileTokens, num_tokens - next)
+                                               : (b + 1 < batch_end ? std::min(kTileTokens, num_tokens) : 0);
+        const int64_t chunk_width = kWideChunks * lanes<acc_t>();
+        const int64_t steps = (padded_heads / kRowBlock) *
+                              (padded_count / kDotColumns + padded_dim / chunk_width);
+        s.prefetch.plan(views, problem, same_sample ? b : b + 1, same_sample ? next : 0, next_count, steps);
+        auto between_blocks = [&s] { s.prefetch.step(); };
         // g_h . xh_n, then coefficients = [a_hn; ds_hn] (zero for padded heads and tokens).
-        block_dots(stacked, padded_heads, tile, padded_count, padded_dim, dots, kTileTokens);
+        block_dots(stacked, padded_heads, tile, padded_count, padded_dim, dots, kTileTokens,
+                   between_blocks);
         acc_t* attention_coefficients = coefficients;
         acc_t* score_grads = coefficients + padded_heads * kTileTokens;
         for (int64_t h = 0; h < heads; ++h) {
@@ -153,7 +166,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
         // dw_h += sum_n ds_hn xh_n
         accumulate_rows(weight_partial, padded_heads, score_grads, kTileTokens, 1, tile,
                         padded_count, padded_dim, static_cast<const acc_t*>(nullptr),
-                        /*overwrite=*/false);
+                        /*overwrite=*/false, between_blocks);
         if (!layers_need_grad) continue;
         // dxh_n = sum_h a_hn g_h + ds_hn w_h
         accumulate_rows(grad_tile, padded_count, coefficients, 1, kTileTokens, stacked,

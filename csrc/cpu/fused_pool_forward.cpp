@@ -107,14 +107,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
 
       // The next tile's rows come in while this one's products run (RowPrefetcher).
       const int64_t next = n0 + kTileTokens;
-      const int64_t dot_blocks = (padded_heads / kRowBlock) * (padded_count / kDotColumns);
-      const int64_t accumulate_blocks = (padded_heads / kRowBlock) * (padded_dim / (kWideChunks * lanes<acc_t>()));
-      RowPrefetcher<in_t>& prefetch = s.prefetch;
-      prefetch.plan(views, problem, next < num_tokens ? b : b + 1, next < num_tokens ? next : 0,
-                    next < num_tokens ? std::min(kTileTokens, num_tokens - next)
-                                      : (b + 1 < batch ? std::min(kTileTokens, num_tokens) : 0),
-                    dot_blocks + accumulate_blocks);
-      auto between_blocks = [&prefetch] { prefetch.step(); };
+      const bool same_sample = next < num_tokens;
+      const int64_t next_count = same_sample ? std::min(kTileTokens, num_tokens - next)
+                                             : (b + 1 < batch ? std::min(kTileTokens, num_tokens) : 0);
+      const int64_t chunk_width = kWideChunks * lanes<acc_t>();
+      const int64_t steps = (padded_heads / kRowBlock) *
+                            (padded_count / kDotColumns + padded_dim / chunk_width);
+      s.prefetch.plan(views, problem, same_sample ? b : b + 1, same_sample ? next : 0, next_count, steps);
+      auto between_blocks = [&s] { s.prefetch.step(); };
       // s_hn = w_h . xh_n for the tile (padded heads and tokens give 0).
       block_dots(weight.get(), padded_heads, tile, padded_count, padded_dim, scores, kTileTokens,
                  between_blocks);
