@@ -136,7 +136,9 @@ def reads_rows_once(rows_dtype: torch.dtype, dtype: torch.dtype, device: torch.d
     reductions of the fallback into one loop over the rows)."""
     if device.type == "cpu":
         return rows_dtype == dtype
-    return device.type == "cuda" and rows_dtype == torch.float16 and sum_cannot_overflow(rows_dtype, dtype)
+    # CUDA: float16 rows into a float32 sum (cannot overflow), bfloat16 / float32 rows into a
+    # float64 sum (wide_mean: cannot overflow either); float64 rows keep the fallback pass.
+    return device.type == "cuda" and dtype == torch.float32 and rows_dtype != torch.float64
 
 
 def _holds_real_data(tensor: torch.Tensor) -> bool:
@@ -155,10 +157,9 @@ def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     - no overflow possible (sum_cannot_overflow): none;
     - eager CPU: one check of the (B, D) average (a host read is free there); the second
       pass only for a layer whose average overflowed;
-    - elsewhere (GPU, torch.compile): torch.where, sync-free. Eager PyTorch has no sync-free
-      single pass that is also overflow-safe (torch.var_mean's running mean still overflows for
-      huge values of both signs and keeps half rows in half), so an eager GPU pays the
-      second pass; under torch.compile the two reductions fuse into one loop over the rows."""
+    - CUDA, float32 averages of half / float32 rows: none (wide_mean: a float64 sum);
+    - elsewhere (float64 rows on a GPU, torch.compile on CPU): torch.where, sync-free, a
+      second pass in eager mode; under torch.compile the two reductions fuse into one loop."""
     if (rows.device.type == "cpu" and rows.dtype == dtype and rows.shape[1] > 0
             and not torch.compiler.is_compiling() and torch.get_float32_matmul_precision() == "highest"):
         # A batched GEMV with weights 1/T: each row is divided before it is summed (no
@@ -168,6 +169,8 @@ def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # torch.compile fuses the mean and its fallback into one pass anyway).
         weights = rows.new_full((rows.shape[0], 1, rows.shape[1]), 1.0 / rows.shape[1])
         return torch.bmm(weights, rows).squeeze(1)
+    if rows.device.type == "cuda" and dtype == torch.float32 and rows.dtype != torch.float64:
+        return wide_mean(rows, dtype)
     average = rows.mean(dim=1, dtype=dtype)
     if sum_cannot_overflow(rows.dtype, dtype):
         return average
@@ -176,6 +179,15 @@ def patch_average(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             return average
     divided_first = (rows.to(dtype) / rows.shape[1]).sum(dim=1)
     return torch.where(torch.isfinite(average), average, divided_first)
+
+
+def wide_mean(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mean over dim 1 of half / float32 rows, summed in float64 (no sum of float32-range
+    values overflows there, so no fallback pass), then rounded to ``dtype`` (the average of
+    finite rows is finite). One pass on CUDA, whose reductions read the rows as they are."""
+    if sum_cannot_overflow(rows.dtype, dtype):
+        return rows.mean(dim=1, dtype=dtype)
+    return rows.mean(dim=1, dtype=torch.float64).to(dtype)
 
 
 def scatter_token_grads(grad_tokens: torch.Tensor, layers, tokens: str, num_prefix_tokens: int):

@@ -140,7 +140,7 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     layers once instead of once in the forward and again in the backward. The stack is kept
     for the backward (small next to the layers: N rows per sample instead of sum T_l). Where
     that gather would itself read the layers more than once (see gather.reads_rows_once:
-    half layers on CPU, float32/bfloat16/float64 layers on an eager GPU), and in inference or
+    half layers on CPU, float64 layers on an eager GPU), and in inference or
     when a layer needs its gradient, the op gathers inside its kernels as before; except on the
     cuda backend when its forward would split the heads into several tiles, each gathering
     the tokens again (_gather_first).

@@ -45,10 +45,10 @@ def _spy_calls(monkeypatch):
 
 def gathers_first(dtype, device):
     """Where an eager gather reads each layer in one pass (README, "The fused op"): float32 /
-    float64 layers on CPU, float16 layers on CUDA."""
+    float64 layers on CPU, float16 / bfloat16 / float32 layers on CUDA."""
     if device == "cpu":
         return dtype in (torch.float32, torch.float64)
-    return dtype == torch.float16
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 @pytest.mark.parametrize("num_prefix_tokens", [1, 5])
@@ -223,3 +223,19 @@ def test_cuda_forward_head_tiles_follow_the_planner(monkeypatch):
         assert cuda_backend._forward_head_tiles(0, 768, 192, 24, torch.bfloat16, "cls+ap") > 2
     finally:
         cuda_backend._forward_head_tiles.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_wide_mean_of_huge_rows_is_finite_and_exact(dtype):
+    """gather.wide_mean (the CUDA one-pass average): rows near the dtype's largest value, whose
+    float32 sum overflows, average to the float64 oracle's value (run here on CPU tensors)."""
+    from fastfuse.gather import wide_mean
+
+    generator = torch.Generator().manual_seed(3)
+    largest = torch.finfo(dtype).max
+    rows = (torch.rand(3, 40, 16, generator=generator) * 0.5 + 0.45) * largest
+    rows = rows.to(dtype)
+    average = wide_mean(rows, torch.float32)
+    expected = rows.double().mean(dim=1)
+    assert average.dtype == torch.float32 and torch.isfinite(average).all()
+    assert rel_err(average, expected) < 1e-6
