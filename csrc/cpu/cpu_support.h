@@ -263,6 +263,20 @@ class RowPrefetcher {
     per_step_ = steps > 0 ? (lines + steps - 1) / steps : lines;
   }
 
+  // The tile after tokens n0.. of sample b (the next sample's first tile once b's tokens
+  // end; nothing from sample `end`), spread over the blocks of one tile's products:
+  // block_dots over rows x cols and accumulate_rows over rows x padded_dim (blocked_kernels.h).
+  template <typename acc_t>
+  void plan_next_tile(const std::vector<LayerView<in_t>>& views, const PoolProblem& problem,
+                      int64_t b, int64_t n0, int64_t end, int64_t rows, int64_t cols, int64_t padded_dim) {
+    const int64_t num_tokens = problem.num_tokens(), next = n0 + kTileTokens;
+    const bool same_sample = next < num_tokens;
+    const int64_t count = same_sample ? std::min(kTileTokens, num_tokens - next)
+                                      : (b + 1 < end ? std::min(kTileTokens, num_tokens) : 0);
+    const int64_t steps = (rows / kRowBlock) * (cols / kDotColumns + padded_dim / (kWideChunks * lanes<acc_t>()));
+    plan(views, problem, same_sample ? b : b + 1, same_sample ? next : 0, count, steps);
+  }
+
   void step() {
     for (int64_t issued = 0; issued < per_step_ && row_ < rows_; ++issued) {
       __builtin_prefetch(starts_[row_] + offset_, 0, 2);

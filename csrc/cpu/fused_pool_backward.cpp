@@ -136,14 +136,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
 
         // The next tile's rows (or the next sample's first) come in while this tile's
         // products run (RowPrefetcher), as in the forward.
-        const int64_t next = n0 + kTileTokens;
-        const bool same_sample = next < num_tokens;
-        const int64_t next_count = same_sample ? std::min(kTileTokens, num_tokens - next)
-                                               : (b + 1 < batch_end ? std::min(kTileTokens, num_tokens) : 0);
-        const int64_t chunk_width = kWideChunks * lanes<acc_t>();
-        const int64_t steps = (padded_heads / kRowBlock) *
-                              (padded_count / kDotColumns + padded_dim / chunk_width);
-        s.prefetch.plan(views, problem, same_sample ? b : b + 1, same_sample ? next : 0, next_count, steps);
+        s.prefetch.template plan_next_tile<acc_t>(views, problem, b, n0, batch_end, padded_heads,
+                                                  padded_count, padded_dim);
         auto between_blocks = [&s] { s.prefetch.step(); };
         // g_h . xh_n, then coefficients = [a_hn; ds_hn] (zero for padded heads and tokens).
         block_dots(stacked, padded_heads, tile, padded_count, padded_dim, dots, kTileTokens,

@@ -106,14 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       std::fill(tile + count * padded_dim, tile + padded_count * padded_dim, acc_t(0));
 
       // The next tile's rows come in while this one's products run (RowPrefetcher).
-      const int64_t next = n0 + kTileTokens;
-      const bool same_sample = next < num_tokens;
-      const int64_t next_count = same_sample ? std::min(kTileTokens, num_tokens - next)
-                                             : (b + 1 < batch ? std::min(kTileTokens, num_tokens) : 0);
-      const int64_t chunk_width = kWideChunks * lanes<acc_t>();
-      const int64_t steps = (padded_heads / kRowBlock) *
-                            (padded_count / kDotColumns + padded_dim / chunk_width);
-      s.prefetch.plan(views, problem, same_sample ? b : b + 1, same_sample ? next : 0, next_count, steps);
+      s.prefetch.template plan_next_tile<acc_t>(views, problem, b, n0, batch, padded_heads, padded_count,
+                                                padded_dim);
       auto between_blocks = [&s] { s.prefetch.step(); };
       // s_hn = w_h . xh_n for the tile (padded heads and tokens give 0).
       block_dots(weight.get(), padded_heads, tile, padded_count, padded_dim, scores, kTileTokens,
