@@ -24,10 +24,9 @@ from fastfuse import _extension
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
 # Every kernel instantiation the library must carry, per arch (csrc/cuda/pool_kernels.cuh).
-EXPECTED_KERNELS = {
-    f"{kernel}<{types}>"
-    for kernel in ("fused_pool_forward_kernel", "fused_pool_backward_kernel")
-    for types in ("float, float", "double, double", "c10::Half, float", "c10::BFloat16, float")
+TYPES = ("float, float", "double, double", "c10::Half, float", "c10::BFloat16, float")
+EXPECTED_KERNELS = {f"fused_pool_forward_kernel<{types}>" for types in TYPES} | {
+    f"fused_pool_backward_kernel<{types}, {grads}>" for types in TYPES for grads in ("true", "false")
 } | {f"token_moments_kernel<{types}>" for types in ("float, float", "double, double", "c10::Half, float",
                                                  "c10::BFloat16, float")
 } | {f"{kernel}<{accum}>" for kernel in ("weight_grad_reduce_kernel", "token_moments_reduce_kernel")

@@ -61,7 +61,8 @@ class Case:
     head_tile: int = 0          # 0: all heads
     need_grad: bool = True
     dw_shared: bool = True
-    backward_blocks: int = 64
+    backward_blocks: int = 64   # the backward's ranges of samples (at most B)
+    backward_head_tile: int = 0  # 0: all heads in each backward block (dw-only: a tile of them)
     grad_attention: bool = True
     seed: int = 0               # the data
     schedule_seed: int = 0      # the emulator's thread order between barriers
@@ -116,7 +117,7 @@ def run_case(runner, case: Case, tmp_path):
     config = [DTYPES[case.dtype], case.batch, case.dim, case.heads, SPECS[case.tokens], case.prefix, 1e-5,
               case.tile_tokens, head_tile, int(case.need_grad), int(case.dw_shared), case.backward_blocks,
               int(case.grad_attention), case.schedule_seed, int(case.normalize == "layernorm"),
-              storage.numel(), len(layers), *(case.plan_limits or (0, 0))]
+              storage.numel(), len(layers), *(case.plan_limits or (0, 0)), case.backward_head_tile]
     lines = [" ".join(map(str, config))]
     for length, strides, start in views:
         lines.append(" ".join(map(str, (length, *strides, start))))
@@ -144,6 +145,8 @@ def run_case(runner, case: Case, tmp_path):
     assert position == values.numel()
     plan = [line for line in result.stdout.splitlines() if line.startswith("plan ")]
     case.used_plan = tuple(int(value) for value in plan[-1].split()[1:])
+    case.token_bytes = {line.split()[1]: int(line.split()[2]) for line in result.stdout.splitlines()
+                        if line.startswith("token_bytes ")}
     return outputs, (layers, weight, grad_pooled, grad_attention)
 
 
@@ -194,6 +197,11 @@ CASES = [
     pytest.param(Case(lengths=(19,), heads=11, head_tile=4), id="head-tiles"),
     pytest.param(Case(lengths=(19,), heads=6, dw_shared=False, backward_blocks=2, batch=5), id="dw-global-2blocks"),
     pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", need_grad=False), id="dw-only"),
+    # dw-only with heads tiled over blocks (ragged last tile), ranges of several samples.
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", heads=11, need_grad=False, backward_head_tile=4,
+                      backward_blocks=2, batch=5), id="dw-only-head-tiles"),
+    pytest.param(Case(lengths=(19,), heads=9, need_grad=False, backward_head_tile=8, grad_attention=False),
+                 id="dw-only-head-tiles-noGA"),
     pytest.param(Case(lengths=(300,), dim=64, heads=40, tile_tokens=32, batch=2), id="tokens-H40-D64"),
     # normalize="none"; huge tokens (issue 12 item 7): float32 squares of 1e30 overflow, and
     # the "ap" sums of 300 rows of ~1e37 do too.
@@ -229,22 +237,28 @@ def test_schedule_does_not_change_results(runner, tmp_path):
 
 # Shared-memory limits (per-block opt-in, per SM) of an A100 (sm_80) and of a made-up small GPU
 # whose 12,000 bytes per block force the planner's fallbacks for D=64, H=40: heads tiled over
-# blocks in the forward, dw in global memory in the backward.
+# blocks in the forward, dw in global memory in a backward with layer gradients, heads tiled
+# over blocks (dw in shared) in a dw-only backward.
 SM80_LIMITS = (166912, 167936)
 TIGHT_LIMITS = (12000, 2 * (12000 + 1024))
 
 
-@pytest.mark.parametrize("case, expect_head_tiles, expect_dw_shared", [
-    pytest.param(Case(lengths=(37,), dim=36, heads=5, plan_limits=SM80_LIMITS), False, True, id="sm80"),
-    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", heads=6, plan_limits=SM80_LIMITS), False, True,
+@pytest.mark.parametrize("case, expect_head_tiles, expect_dw_shared, expect_backward_head_tiles", [
+    pytest.param(Case(lengths=(37,), dim=36, heads=5, plan_limits=SM80_LIMITS), False, True, False, id="sm80"),
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", heads=6, plan_limits=SM80_LIMITS), False, True, False,
                  id="sm80-cls+ap"),
-    pytest.param(Case(lengths=(19,), dim=64, heads=40, plan_limits=TIGHT_LIMITS), True, False, id="tight"),
+    pytest.param(Case(lengths=(19,), dim=64, heads=40, plan_limits=TIGHT_LIMITS), True, False, False, id="tight"),
+    pytest.param(Case(lengths=(19,), dim=64, heads=40, plan_limits=TIGHT_LIMITS, need_grad=False, batch=4,
+                      backward_blocks=2), True, True, True, id="tight-dw-only"),
 ])
-def test_kernels_run_with_the_host_planners_tiles(runner, case, expect_head_tiles, expect_dw_shared, tmp_path):
+def test_kernels_run_with_the_host_planners_tiles(runner, case, expect_head_tiles, expect_dw_shared,
+                                                  expect_backward_head_tiles, tmp_path):
     """The planner's tiles for given limits fit the kernels' real use of shared memory (the
     emulator's canary) and give the right results."""
     check(runner, case, tmp_path)
-    tile_tokens, head_tile, backward_tile_tokens, dw_shared = case.used_plan
+    tile_tokens, head_tile, backward_tile_tokens, dw_shared, backward_head_tile = case.used_plan
     assert tile_tokens % 8 == 0 and backward_tile_tokens % 8 == 0
     assert (head_tile < case.heads) == expect_head_tiles, case.used_plan
     assert bool(dw_shared) == expect_dw_shared, case.used_plan
+    assert (backward_head_tile < case.heads) == expect_backward_head_tiles, case.used_plan
+    assert backward_head_tile == case.heads or backward_head_tile % 4 == 0, case.used_plan

@@ -26,12 +26,14 @@ HEADS = (12, 48, 192)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def footprint(dtype, dim, heads, tile, average, need_grad=None, dw_in_shared=None, head_tile=None):
+def footprint(dtype, dim, heads, tile, average, need_grad=None, dw_in_shared=None, head_tile=None,
+              backward_head_tile=None):
     """Bytes of shared memory of one block, as docs/cuda.md describes the kernels' layout: 48-byte
     token slots (rounded to 32 bytes), then accumulator-dtype buffers of D padded to whole 16-byte
     loads (at least 4 elements); forward: tile x D + H x D + 2 H x tile + 4 H; backward:
-    tile x D (+ tile x D for dxh) (+ H x D for dw) + 3 H x tile + 4 H; H padded to 4; "ap"
-    adds max(1, 256 / chunks) rows of D."""
+    tile x D (+ tile x D for dxh) (+ H x D for dw) + 3 H x tile + 4 H, H being the block's
+    heads (backward_head_tile, else all); H padded to 4; "ap" adds max(1, 256 / chunks) rows
+    of D."""
     acc = 8 if dtype == torch.float64 else 4
     chunk = max(16 // dtype.itemsize, 4)
     padded_dim = -(-dim // chunk) * chunk
@@ -41,7 +43,7 @@ def footprint(dtype, dim, heads, tile, average, need_grad=None, dw_in_shared=Non
         padded = -(-head_tile // 4) * 4
         elements = tile * padded_dim + padded * padded_dim + 2 * padded * tile + 4 * padded
     else:
-        padded = -(-heads // 4) * 4
+        padded = -(-(backward_head_tile or heads) // 4) * 4
         elements = (tile * padded_dim * (2 if need_grad else 1) + (padded * padded_dim if dw_in_shared else 0)
                     + 3 * padded * tile + 4 * padded)
     return slots + acc * (elements + scratch)
@@ -92,14 +94,40 @@ def test_plans_fit_the_gpu_for_the_shapes_users_run(arch, dtype):
             continue
         assert tile in tile_choices(num_tokens), where
         in_shared = bool(plan["backward_weight_grad_in_shared"])
-        assert plan["backward_bytes"] == footprint(dtype, dim, heads, tile, average, need_grad, in_shared), where
+        backward_head_tile = plan["backward_head_tile"]
+        assert plan["backward_bytes"] == footprint(dtype, dim, heads, tile, average, need_grad, in_shared,
+                                                   backward_head_tile=backward_head_tile), where
         assert plan["backward_bytes"] <= optin, where
-        # Two blocks per SM first; within that budget, dw in shared memory if any tile allows.
         budget = preferred if plan["backward_bytes"] <= preferred else optin
-        if budget == optin:
-            assert footprint(dtype, dim, heads, 8, average, need_grad, False) > preferred, where
-        if not in_shared:
-            assert footprint(dtype, dim, heads, 8, average, need_grad, True) > budget, where
+        larger = [size for size in tile_choices(num_tokens) if size > tile]
+        if in_shared and backward_head_tile == heads:
+            # dw of all heads in shared memory: two blocks per SM first, then the largest tile.
+            if budget == optin:
+                assert footprint(dtype, dim, heads, 8, average, need_grad, True) > preferred, where
+            assert all(footprint(dtype, dim, heads, size, average, need_grad, True) > budget
+                       for size in larger), where
+        else:
+            # Only when no tile holds the dw of all heads at all.
+            assert footprint(dtype, dim, heads, 8, average, need_grad, True) > optin, where
+        if backward_head_tile < heads:
+            # dw-only: heads tiled (a multiple of 4), dw in shared; the largest tile that takes
+            # 4 heads at all, two blocks per SM if it allows, then the most heads beside it.
+            assert not need_grad and in_shared, where
+            assert backward_head_tile % 4 == 0 and 4 <= backward_head_tile, where
+            assert all(footprint(dtype, dim, heads, size, average, False, True, backward_head_tile=4) > optin
+                       for size in larger), where
+            if budget == optin:
+                assert footprint(dtype, dim, heads, tile, average, False, True, backward_head_tile=4) > preferred, where
+            bigger = backward_head_tile + 4
+            assert bigger >= heads or footprint(dtype, dim, heads, tile, average, False, True,
+                                                backward_head_tile=bigger) > budget, where
+        elif not in_shared:
+            # dw in global memory (with layer gradients, or not even 4 heads fit): the largest
+            # tile that fits, two blocks per SM if that tile allows.
+            assert need_grad or footprint(dtype, dim, heads, 8, average, False, True, backward_head_tile=4) > optin, where
+            assert all(footprint(dtype, dim, heads, size, average, need_grad, False) > optin for size in larger), where
+            if budget == optin:
+                assert plan["backward_bytes"] > preferred, where
 
 
 def test_min_bytes_is_the_smallest_backward_tile():

@@ -193,10 +193,14 @@ constexpr int64_t forward_bytes(const PlanInput& in, int tile_tokens, int64_t he
              forward_shared_elements(tile_tokens, static_cast<int>(round_up_to(head_tile, int64_t(kHeadQuantum))),
                                      padded_dim_of(in), average_scratch_elements(in));
 }
-constexpr int64_t backward_bytes(const PlanInput& in, int tile_tokens, bool weight_grad_in_shared) {
+// head_tile: the heads of one block (0: all H).
+constexpr int64_t backward_bytes(const PlanInput& in, int tile_tokens, bool weight_grad_in_shared,
+                                 int64_t head_tile = 0) {
   return slot_bytes(tile_tokens) +
          accumulator_bytes(in.element_bytes) *
-             backward_shared_elements(tile_tokens, static_cast<int>(round_up_to(in.heads, int64_t(kHeadQuantum))),
+             backward_shared_elements(tile_tokens,
+                                      static_cast<int>(round_up_to(head_tile > 0 ? head_tile : in.heads,
+                                                                   int64_t(kHeadQuantum))),
                                       padded_dim_of(in), average_scratch_elements(in),
                                       in.layers_need_grad, weight_grad_in_shared);
 }
@@ -267,21 +271,60 @@ struct BackwardPlan {
   int tile_tokens = 0;
   bool weight_grad_in_shared = false;
   int64_t bytes = 0;
+  int head_tile = 0;  // heads per block: H, or (dw only) a multiple of 4 whose dw fits in shared
 };
 
-// dw in shared memory if it fits beside a tile of >= 8 tokens, else in the block's slice of the
-// global partials (read and written once per tile, from L2); two blocks per SM first.
+// 1. dw in shared memory beside a tile of all heads: two blocks per SM first, then the largest
+//    tile.
+// 2. A dw-only backward (frozen tokens) whose (H, D) dw does not fit: heads tiled over blocks,
+//    like the forward, each block keeping its heads' dw in shared memory. The largest tile
+//    first, at one block per SM if need be (all of a short N in one tile spares the kernel
+//    reading z, which at this many heads outweighs the tokens), then the most heads.
+// 3. Else dw in the block's slice of the global partials, which every tile reads and writes
+//    whole: the largest tile that fits (fewest passes), two blocks per SM if it allows.
 constexpr BackwardPlan plan_backward(const PlanInput& in, const SharedMemoryLimits& limits) {
   const TileChoices choices = tile_choices(in.num_tokens);
+  const int heads = static_cast<int>(in.heads);
   for (int64_t budget : {limits.preferred, limits.maximum}) {
-    for (bool in_shared : {true, false}) {
-      for (int i = 0; i < choices.count; ++i) {
-        const int64_t bytes = backward_bytes(in, choices.sizes[i], in_shared);
-        if (bytes <= budget) return {choices.sizes[i], in_shared, bytes};
+    for (int i = 0; i < choices.count; ++i) {
+      const int64_t bytes = backward_bytes(in, choices.sizes[i], true);
+      if (bytes <= budget) return {choices.sizes[i], true, bytes, heads};
+    }
+  }
+  if (!in.layers_need_grad) {
+    for (int i = 0; i < choices.count; ++i) {
+      for (int64_t budget : {limits.preferred, limits.maximum}) {
+        const int tile_tokens = choices.sizes[i];
+        int64_t head_tile = 0;
+        while (head_tile + kHeadQuantum < in.heads &&
+               backward_bytes(in, tile_tokens, true, head_tile + kHeadQuantum) <= budget) {
+          head_tile += kHeadQuantum;
+        }
+        if (head_tile >= kHeadQuantum) {
+          return {tile_tokens, true, backward_bytes(in, tile_tokens, true, head_tile), static_cast<int>(head_tile)};
+        }
       }
     }
   }
+  for (int i = 0; i < choices.count; ++i) {
+    for (int64_t budget : {limits.preferred, limits.maximum}) {
+      const int64_t bytes = backward_bytes(in, choices.sizes[i], false);
+      if (bytes <= budget) return {choices.sizes[i], false, bytes, heads};
+    }
+  }
   return {};
+}
+
+// The backward's grid: `ranges` contiguous ranges of samples, each run by head_tiles adjacent
+// blocks (so that the blocks of a range read the same tokens at about the same time, from L2):
+// about as many blocks as are resident at once, never more ranges than samples.
+struct BackwardGrid {
+  int ranges;
+  int blocks;
+};
+constexpr BackwardGrid backward_grid(int64_t batch, int64_t resident_blocks, int head_tiles) {
+  const int64_t ranges = std::min<int64_t>(batch, std::max<int64_t>(1, resident_blocks / head_tiles));
+  return {static_cast<int>(ranges), static_cast<int>(ranges * head_tiles)};
 }
 
 // token_moments: the largest tile that fits (0: none).

@@ -177,29 +177,31 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
   const auto [grad_pooled, grad_attention, pooled, attention, mean, rstd] = contiguous_backward_inputs(
       grad_pooled_in, grad_attention_in, pooled_in, attention_in, mean_in, rstd_in);
   const BackwardPlan plan = checked_backward_plan(problem, layers_need_grad);
-  auto kernel = fused_pool_backward_kernel<scalar_t, acc_t>;
+  auto kernel = layers_need_grad ? fused_pool_backward_kernel<scalar_t, acc_t, true>
+                                 : fused_pool_backward_kernel<scalar_t, acc_t, false>;
   allow_shared_memory(kernel, plan.bytes);
-  // As many blocks as fit on the GPU at once (each loops over a contiguous range of samples
-  // and keeps one dw partial), never more than the batch.
+  // About one resident wave of blocks (each loops over a contiguous range of samples and
+  // keeps one dw partial per head tile), never more ranges than samples: backward_grid.
   int blocks_per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, plan.bytes));
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int blocks = static_cast<int>(std::min<int64_t>(batch, std::max(1, blocks_per_sm) * sms));
-  const int padded_heads = round_up_to(static_cast<int>(heads), kHeadQuantum);
-  at::Tensor weight_partials = at::empty({blocks, padded_heads, args.padded_dim}, score_weight.options());
+  const int head_tiles = ceil_div(static_cast<int>(heads), plan.head_tile);
+  const BackwardGrid grid = backward_grid(batch, std::max(1, blocks_per_sm) * sms, head_tiles);
+  const int padded_heads = round_up_to(plan.head_tile, kHeadQuantum);
+  at::Tensor weight_partials = at::empty({grid.blocks, padded_heads, args.padded_dim}, score_weight.options());
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  kernel<<<blocks, kThreads, plan.bytes, stream>>>(
+  kernel<<<grid.blocks, kThreads, plan.bytes, stream>>>(
       args, grads, score_weight.data_ptr<acc_t>(), grad_pooled.data_ptr<acc_t>(),
       grad_attention ? grad_attention->data_ptr<acc_t>() : nullptr, pooled.data_ptr<acc_t>(),
       attention.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), batch,
-      static_cast<int>(heads), plan.tile_tokens, layers_need_grad, plan.weight_grad_in_shared,
-      layernorm, weight_partials.data_ptr<acc_t>());
+      static_cast<int>(heads), plan.head_tile, plan.tile_tokens, plan.weight_grad_in_shared, layernorm,
+      weight_partials.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t reduce_blocks = (heads * dim + kThreads - 1) / kThreads;
   weight_grad_reduce_kernel<acc_t><<<static_cast<unsigned>(reduce_blocks), kThreads, 0, stream>>>(
-      weight_partials.data_ptr<acc_t>(), blocks, static_cast<int>(heads), static_cast<int>(dim),
-      padded_heads, args.padded_dim, grad_weight.data_ptr<acc_t>());
+      weight_partials.data_ptr<acc_t>(), grid.ranges, static_cast<int>(heads), static_cast<int>(dim),
+      plan.head_tile, padded_heads, args.padded_dim, grad_weight.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_layers, grad_weight};
 }

@@ -8,7 +8,9 @@
 // only when H x D floats do not fit beside a tile; the blocks of one sample are adjacent in
 // the grid so that the repeated token reads hit L2.
 //
-// Backward: a fixed number of blocks, each owning a contiguous range of samples and all heads.
+// Backward: about one resident wave of blocks (launch_plan.h backward_grid), each owning a
+// contiguous range of samples and all heads, or, in a dw-only backward whose dw does not fit in
+// shared memory, one tile of heads (the blocks of a range adjacent, like the forward's).
 // Per tile it re-gathers the tokens, recomputes xh from the saved statistics, then dw (summed
 // over the block's samples in shared memory, or in its slice of the global partial buffer when
 // that does not fit) and, unless only dw is wanted, dxh, the LayerNorm backward and the
@@ -152,7 +154,10 @@ fused_pool_forward_kernel(const __grid_constant__ GatherArgs args, const acc_t* 
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// kLayerGrads: the layers' gradients too (else dw only, the frozen-feature case, which may
+// tile the heads over blocks); two instantiations, so that the dw-only kernel carries none of
+// the dxh / scatter registers and the full one none of the head-tile bookkeeping.
+template <typename scalar_t, typename acc_t, bool kLayerGrads>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<acc_t>)
 fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
                            const __grid_constant__ GradArgs grads,
@@ -161,14 +166,20 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
                            const acc_t* __restrict__ grad_attention,  // may be null
                            const acc_t* __restrict__ pooled, const acc_t* __restrict__ attention,
                            const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
-                           int64_t batch, int heads, int tile_tokens, bool layers_need_grad,
+                           int64_t batch, int heads, int head_tile, int tile_tokens,
                            bool weight_grad_in_shared, bool layernorm,
                            acc_t* __restrict__ weight_partials) {
+  constexpr bool layers_need_grad = kLayerGrads;
   unsigned char* shared_bytes = dynamic_shared_memory();
   using Chunk = ChunkOf<scalar_t>;
   constexpr int W = Chunk::kWidth;
   const int dim = args.dim, padded_dim = args.padded_dim, num_tokens = args.num_tokens;
-  const int padded_heads = round_up_to(heads, 4);
+  // Block = (range of samples, tile of heads); head tiles only without layer gradients (dxh
+  // sums over every head): with them, head_tile == heads.
+  const int head_tiles = kLayerGrads ? 1 : ceil_div(heads, head_tile);
+  const int block_heads =
+      kLayerGrads ? heads : min(head_tile, heads - static_cast<int>(blockIdx.x % head_tiles) * head_tile);
+  const int padded_heads = round_up_to(kLayerGrads ? heads : head_tile, 4);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   TokenSlot* slots = reinterpret_cast<TokenSlot*>(shared_bytes);
@@ -181,8 +192,10 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
   acc_t* score_grad_t = coeff + 2 * padded_heads * tile_tokens;  // [token][head]
   acc_t* baseline = score_grad_t + tile_tokens * padded_heads;
   acc_t* partial = baseline + 4 * padded_heads;
-  // dw of this block's samples: in shared memory, or in its slice of the global partials. (A
-  // generic pointer costs two registers for the whole kernel, so it is formed where used.)
+  // dw of this block's samples and heads: in shared memory, or in its slice of the global
+  // partials (block k's slice: (padded_heads, padded_dim) at k; the reduce kernel knows the
+  // layout). (A generic pointer costs two registers for the whole kernel, so it is formed
+  // where used.)
   auto weight_grad = [&]() {
     return weight_grad_in_shared ? shared_weight_grad
                                  : weight_partials + int64_t(blockIdx.x) * padded_heads * padded_dim;
@@ -192,16 +205,31 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
   const bool weight_vector = dim % 4 == 0 && reinterpret_cast<uintptr_t>(score_weight) % 16 == 0;
   const bool grad_vector = dim % 4 == 0 && reinterpret_cast<uintptr_t>(grad_pooled) % 16 == 0;
   const acc_t dim_count = static_cast<acc_t>(dim);
-  const int batch_end = static_cast<int>((blockIdx.x + 1) * batch / gridDim.x);
+  const bool one_tile = num_tokens <= tile_tokens;
+  const int64_t range = blockIdx.x / head_tiles, ranges = gridDim.x / head_tiles;
+  const int batch_begin = static_cast<int>(range * batch / ranges);
+  const int batch_end = static_cast<int>((range + 1) * batch / ranges);
+  if constexpr (!kLayerGrads) {
+    // From here on, rows 0.. of g, z, attention and gA of a sample are the block's heads
+    // (head0 = tile x head_tile); the per-sample strides stay those of all H heads.
+    const int head0 = static_cast<int>(blockIdx.x % head_tiles) * head_tile;
+    grad_pooled += int64_t(head0) * dim;
+    pooled += int64_t(head0) * dim;
+    attention += int64_t(head0) * num_tokens;
+    if (grad_attention) grad_attention += int64_t(head0) * num_tokens;
+  }
 
-  for (int b = static_cast<int>(blockIdx.x * batch / gridDim.x); b < batch_end; ++b) {
+  for (int b = batch_begin; b < batch_end; ++b) {
     const acc_t* grad_rows = grad_pooled + int64_t(b) * heads * dim;
     const acc_t* attention_b = attention + int64_t(b) * heads * num_tokens;
     const acc_t* grad_attention_b = grad_attention ? grad_attention + int64_t(b) * heads * num_tokens : nullptr;
-    // c_h = g_h . z_h + sum_n a_hn gA_hn, a warp per head.
-    for (int h = warp; h < padded_heads; h += kWarps) {
+    // c_h = g_h . z_h + sum_n a_hn gA_hn, a warp per head. With all N tokens in one tile it
+    // comes from the tile's own products instead (below: c_h = sum_n a_hn (g_h . xh_n + gA_hn),
+    // the same sum since z_h = sum_n a_hn xh_n), and z is never read: at a short N and many
+    // heads (a lockstep sweep on CLS+AP tokens) z is as large as g and many times the tokens.
+    for (int h = warp; h < padded_heads && !one_tile; h += kWarps) {
       acc_t sum = 0;
-      if (h < heads) {
+      if (h < block_heads) {
         const acc_t* pooled_row = pooled + (int64_t(b) * heads + h) * dim;
         for (int d = lane; d < dim; d += 32) sum += grad_rows[int64_t(h) * dim + d] * pooled_row[d];
         if (grad_attention_b) {
@@ -228,13 +256,26 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
       __syncthreads();
 
       // g_h . xh_n into the ds rows of coeff, then coeff = [a; ds] and ds transposed.
-      tile_dots<2>(coeff + padded_heads * tile_tokens, tile_tokens, grad_rows, heads, grad_vector,
+      tile_dots<2>(coeff + padded_heads * tile_tokens, tile_tokens, grad_rows, block_heads, grad_vector,
                 tile, padded_dim, dim, count);
       __syncthreads();
+      if (one_tile) {  // c_h, a warp per head, a lane per token (count <= 32)
+        for (int h = warp; h < padded_heads; h += kWarps) {
+          acc_t sum = 0;
+          if (h < block_heads && lane < count) {
+            const int64_t index = int64_t(h) * num_tokens + lane;
+            const acc_t grad_a = grad_attention_b ? grad_attention_b[index] : acc_t(0);
+            sum = attention_b[index] * (coeff[(padded_heads + h) * tile_tokens + lane] + grad_a);
+          }
+          sum = warp_sum(sum);
+          if (lane == 0) baseline[h] = sum;
+        }
+        __syncthreads();
+      }
       for (int i = threadIdx.x; i < padded_heads * tile_tokens; i += kThreads) {
         const int h = i / tile_tokens, j = i - h * tile_tokens;
         acc_t a = 0, ds = 0;
-        if (h < heads && j < count) {
+        if (h < block_heads && j < count) {
           const int64_t index = int64_t(h) * num_tokens + n0 + j;
           a = attention_b[index];
           const acc_t grad_a = grad_attention_b ? grad_attention_b[index] : acc_t(0);
@@ -249,7 +290,7 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
       // dw_h += sum_n ds_hn xh_n (each thread owns the same dw elements on every call).
       tile_accumulate(weight_grad(), padded_heads, padded_dim, score_grad_t, padded_heads, tile,
                       dim, count, static_cast<const acc_t*>(nullptr));
-      if (layers_need_grad) {
+      if constexpr (kLayerGrads) {
         // dxh_n = sum_h a_hn g_h + ds_hn w_h
         tile_combine(grad_tile, padded_dim, coeff, tile_tokens, padded_heads, grad_rows,
                      grad_vector, score_weight, weight_vector, heads, dim, count);
@@ -331,17 +372,21 @@ fused_pool_backward_kernel(const __grid_constant__ GatherArgs args,
   }
 }
 
-// dw[h][d] = sum over the backward's blocks, in block order, of their partials.
+// dw[h][d] = sum over the backward's ranges of samples, in range order, of their partials.
+// Range r's partials: head_tiles = ceil(H / head_tile) adjacent slices of (padded_heads,
+// padded_dim), head h in slice h / head_tile at row h % head_tile.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-weight_grad_reduce_kernel(const acc_t* __restrict__ partials, int blocks, int heads, int dim,
-                          int padded_heads, int padded_dim, acc_t* __restrict__ grad_weight) {
+weight_grad_reduce_kernel(const acc_t* __restrict__ partials, int ranges, int heads, int dim,
+                          int head_tile, int padded_heads, int padded_dim, acc_t* __restrict__ grad_weight) {
   const int64_t index = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (index >= int64_t(heads) * dim) return;
   const int h = static_cast<int>(index / dim), d = static_cast<int>(index - int64_t(h) * dim);
+  const int64_t range_rows = int64_t(ceil_div(heads, head_tile)) * padded_heads;
+  const int64_t row = int64_t(h / head_tile) * padded_heads + h % head_tile;
   acc_t sum = 0;
-  for (int block = 0; block < blocks; ++block) {
-    sum += partials[(int64_t(block) * padded_heads + h) * padded_dim + d];
+  for (int range = 0; range < ranges; ++range) {
+    sum += partials[(range * range_rows + row) * padded_dim + d];
   }
   grad_weight[index] = sum;
 }

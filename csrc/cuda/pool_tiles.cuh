@@ -32,6 +32,9 @@ constexpr int kSlotVectorLoad = 1, kSlotVectorStore = 2, kSlotAverage = 4;
 #ifndef FASTFUSE_CHECK_ALIGNED
 #define FASTFUSE_CHECK_ALIGNED(pointer, bytes)  // the emulation checks what the GPU assumes
 #endif
+#ifndef FASTFUSE_COUNT_TOKEN_LOAD
+#define FASTFUSE_COUNT_TOKEN_LOAD(bytes)  // the emulation counts the token bytes loaded
+#endif
 
 namespace fm = fastfuse::math;
 
@@ -151,6 +154,7 @@ __device__ __forceinline__ void load_chunk(const scalar_t* row, int64_t stride_d
                                            int d0, int dim, acc_t (&out)[ChunkOf<scalar_t>::kWidth]) {
   using Chunk = ChunkOf<scalar_t>;
   if (vector) {
+    FASTFUSE_COUNT_TOKEN_LOAD(16 * Chunk::kLoads);
 #pragma unroll
     for (int k = 0; k < Chunk::kLoads; ++k) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + d0 + k * Chunk::kPerLoad));
@@ -165,6 +169,7 @@ __device__ __forceinline__ void load_chunk(const scalar_t* row, int64_t stride_d
     for (int i = 0; i < Chunk::kWidth; ++i) {
       out[i] = d0 + i < dim ? static_cast<acc_t>(row[int64_t(d0 + i) * stride_dim]) : acc_t(0);
     }
+    FASTFUSE_COUNT_TOKEN_LOAD(sizeof(scalar_t) * max(0, min(Chunk::kWidth, dim - d0)));
   }
 }
 
@@ -211,6 +216,7 @@ __device__ __forceinline__ void sum_rows(const scalar_t* first, int64_t stride_r
   int row = row0;
   if (vector) {
     for (; row + 3 * step < rows; row += 4 * step) {
+      FASTFUSE_COUNT_TOKEN_LOAD(4 * 16 * Chunk::kLoads);
       uint4 raw[4][Chunk::kLoads];
 #pragma unroll
       for (int r = 0; r < 4; ++r)

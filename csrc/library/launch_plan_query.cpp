@@ -14,7 +14,8 @@ namespace {
 
 // Ints, in this order (fastfuse/backends/cuda.py names them): forward tile_tokens, head_tile,
 // bytes; backward tile_tokens, weight_grad_in_shared, bytes (tile_tokens 0: nothing fits); the
-// minimum bytes for D, H and the dtype; padded_dim, chunk width; kMaxLayers, kThreads.
+// minimum bytes for D, H and the dtype; padded_dim, chunk width; kMaxLayers, kThreads; the
+// backward's head_tile.
 std::vector<int64_t> cuda_launch_plan(int64_t element_bytes, int64_t dim, int64_t heads, int64_t num_tokens,
                                       bool average, bool layers_need_grad, int64_t shared_per_block_optin,
                                       int64_t shared_per_multiprocessor) {
@@ -34,7 +35,7 @@ std::vector<int64_t> cuda_launch_plan(int64_t element_bytes, int64_t dim, int64_
   return {forward.tile_tokens, forward.head_tile, forward.bytes,
           backward.tile_tokens, backward.weight_grad_in_shared, backward.bytes,
           min_shared_memory_bytes(bytes, dim, heads), padded_dim_of(input), chunk_width(bytes),
-          kMaxLayers, kThreads};
+          kMaxLayers, kThreads, backward.head_tile};
 }
 
 }  // namespace

@@ -22,7 +22,7 @@ ARCHS = ("sm_80", "sm_90")
 # The order of fastfuse::cuda_launch_plan's answer (csrc/library/launch_plan_query.cpp).
 _PLAN_FIELDS = ("forward_tile_tokens", "forward_head_tile", "forward_bytes", "backward_tile_tokens",
                 "backward_weight_grad_in_shared", "backward_bytes", "min_bytes", "padded_dim",
-                "chunk_width", "max_layers", "threads")
+                "chunk_width", "max_layers", "threads", "backward_head_tile")
 
 
 def _availability() -> tuple[bool, str]:

@@ -6,14 +6,21 @@
 // CONFIG (text): dtype(0 float32, 1 float64, 2 float16, 3 bfloat16) B D H spec(0 cls, 1 ap,
 //   2 cls+ap, 3 all) num_prefix_tokens eps tile_tokens head_tile layers_need_grad
 //   weight_grad_in_shared backward_blocks has_grad_attention seed layernorm storage_length L
-//   plan_optin plan_per_sm, then per layer: T stride_batch stride_row stride_dim offset
-//   (elements into the storage). plan_optin > 0: the tile sizes come from the host planner
-//   (csrc/common/launch_plan.h) for a GPU with these shared-memory limits instead of the config;
-//   the plan used is printed ("plan TILE HEAD_TILE BACKWARD_TILE DW_IN_SHARED").
+//   plan_optin plan_per_sm backward_head_tile, then per layer: T stride_batch stride_row
+//   stride_dim offset (elements into the storage). backward_blocks: the backward's ranges of
+//   samples; backward_head_tile: heads per backward block (0: all). plan_optin > 0: the tile
+//   sizes come from the host planner (csrc/common/launch_plan.h) for a GPU with these
+//   shared-memory limits instead of the config; the plan used is printed ("plan TILE HEAD_TILE
+//   BACKWARD_TILE DW_IN_SHARED BACKWARD_HEAD_TILE").
 // INPUT (float64): storage, score_weight (H, D), grad_pooled (B, H, D), grad_attention (B, H, N).
 // OUTPUT (float64): pooled, attention, mean, rstd, the layers' gradients (if wanted), dw, then
 //   token_moments' mean and var (D each; backward_blocks blocks, tiles of the forward's size).
 #define FASTFUSE_CUDA_EMULATION
+#include <cstdint>
+// Token bytes the kernels load (csrc/cuda/pool_tiles.cuh), printed per launch for the traffic
+// model's check (tests/test_traffic_cuda.py). The emulator runs one fiber at a time.
+static int64_t token_bytes_loaded = 0;
+#define FASTFUSE_COUNT_TOKEN_LOAD(bytes) (token_bytes_loaded += (bytes))
 #include "emulator.h"
 
 #include <c10/util/BFloat16.h>
@@ -35,6 +42,7 @@ struct Config {
   int64_t storage_length;
   int num_layers;
   int64_t plan_optin, plan_per_sm;  // > 0: tiles from the host planner for these limits
+  int backward_head_tile;           // 0: all heads
   std::vector<int64_t> length, stride_batch, stride_row, stride_dim, offset;
 };
 
@@ -99,6 +107,7 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   int tile_tokens = config.tile_tokens, head_tile = config.head_tile;
   int backward_tile_tokens = config.tile_tokens;
   bool weight_grad_in_shared = config.weight_grad_in_shared != 0;
+  int backward_head_tile = config.backward_head_tile > 0 ? config.backward_head_tile : heads;
   if (config.plan_optin > 0) {
     const SharedMemoryLimits limits = shared_memory_limits(config.plan_optin, config.plan_per_sm);
     const ForwardPlan forward = plan_forward(input, limits);
@@ -106,8 +115,10 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
     if (forward.tile_tokens == 0 || backward.tile_tokens == 0) emu::fail("no plan fits these limits");
     tile_tokens = forward.tile_tokens, head_tile = forward.head_tile;
     backward_tile_tokens = backward.tile_tokens, weight_grad_in_shared = backward.weight_grad_in_shared;
+    backward_head_tile = backward.head_tile;
   }
-  std::printf("plan %d %d %d %d\n", tile_tokens, head_tile, backward_tile_tokens, int(weight_grad_in_shared));
+  std::printf("plan %d %d %d %d %d\n", tile_tokens, head_tile, backward_tile_tokens, int(weight_grad_in_shared),
+              backward_head_tile);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   std::vector<acc_t> pooled(int64_t(batch) * heads * dim, nan), attention(int64_t(batch) * heads * num_tokens, nan);
   std::vector<acc_t> mean(int64_t(batch) * num_tokens, nan), rstd(int64_t(batch) * num_tokens, nan);
@@ -120,6 +131,8 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
                                                tile_tokens, static_cast<acc_t>(config.eps), config.layernorm != 0,
                                                pooled.data(), attention.data(), mean.data(), rstd.data());
   });
+  std::printf("token_bytes forward %lld\n", static_cast<long long>(token_bytes_loaded));
+  token_bytes_loaded = 0;
 
   // Backward, on the forward's outputs.
   GradArgs grads{};
@@ -135,21 +148,29 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
       }
     }
   }
-  const int padded_heads = round_up_to(heads, kHeadQuantum);
-  const int blocks = std::min(batch, config.backward_blocks);
-  std::vector<acc_t> partials(int64_t(blocks) * padded_heads * padded_dim, nan);
+  // The grid as fused_pool_cuda.cu forms it, with config.backward_blocks x head tiles resident.
+  const int backward_head_tiles = ceil_div(heads, backward_head_tile);
+  const BackwardGrid grid = backward_grid(batch, int64_t(config.backward_blocks) * backward_head_tiles,
+                                          backward_head_tiles);
+  const int blocks = grid.ranges;  // token_moments below splits the batch as the ranges do
+  const int padded_heads = round_up_to(backward_head_tile, kHeadQuantum);
+  std::vector<acc_t> partials(int64_t(grid.blocks) * padded_heads * padded_dim, nan);
   std::vector<acc_t> grad_weight(int64_t(heads) * dim, nan);
-  const size_t shared_backward = backward_bytes(input, backward_tile_tokens, weight_grad_in_shared);
-  emu::launch(Dim3{unsigned(blocks)}, Dim3{unsigned(kThreads)}, shared_backward, [&] {
-    fused_pool_backward_kernel<scalar_t, acc_t>(
-        args, grads, weight.data(), grad_pooled.data(),
-        config.has_grad_attention ? grad_attention.data() : nullptr, pooled.data(), attention.data(),
-        mean.data(), rstd.data(), batch, heads, backward_tile_tokens, config.layers_need_grad,
-        weight_grad_in_shared, config.layernorm != 0, partials.data());
+  const size_t shared_backward = backward_bytes(input, backward_tile_tokens, weight_grad_in_shared,
+                                                backward_head_tile);
+  emu::launch(Dim3{unsigned(grid.blocks)}, Dim3{unsigned(kThreads)}, shared_backward, [&] {
+    auto kernel = config.layers_need_grad ? fused_pool_backward_kernel<scalar_t, acc_t, true>
+                                          : fused_pool_backward_kernel<scalar_t, acc_t, false>;
+    kernel(args, grads, weight.data(), grad_pooled.data(),
+           config.has_grad_attention ? grad_attention.data() : nullptr, pooled.data(), attention.data(),
+           mean.data(), rstd.data(), batch, heads, backward_head_tile, backward_tile_tokens,
+           weight_grad_in_shared, config.layernorm != 0, partials.data());
   });
+  std::printf("token_bytes backward %lld\n", static_cast<long long>(token_bytes_loaded));
+  token_bytes_loaded = 0;
   emu::launch(Dim3{unsigned(ceil_div(heads * dim, kThreads))}, Dim3{unsigned(kThreads)}, 0, [&] {
-    weight_grad_reduce_kernel<acc_t>(partials.data(), blocks, heads, dim, padded_heads, padded_dim,
-                                     grad_weight.data());
+    weight_grad_reduce_kernel<acc_t>(partials.data(), grid.ranges, heads, dim, backward_head_tile, padded_heads,
+                                     padded_dim, grad_weight.data());
   });
 
   // token_moments over the same layers.
@@ -185,7 +206,7 @@ int main(int argc, char** argv) {
   text >> c.dtype >> c.batch >> c.dim >> c.heads >> c.spec >> c.prefix >> c.eps >> c.tile_tokens >>
       c.head_tile >> c.layers_need_grad >> c.weight_grad_in_shared >> c.backward_blocks >>
       c.has_grad_attention >> c.seed >> c.layernorm >> c.storage_length >> c.num_layers >>
-      c.plan_optin >> c.plan_per_sm;
+      c.plan_optin >> c.plan_per_sm >> c.backward_head_tile;
   if (!text || c.num_layers < 1 || c.num_layers > kMaxLayers) emu::fail("bad config");
   for (int l = 0; l < c.num_layers; ++l) {
     int64_t length, sb, sr, sd, offset;
