@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="sweep N, B and D instead of the table")
     parser.add_argument("--traffic", action="store_true",
-                        help="print the Triton launches' modelled memory traffic (bench/traffic.py) and exit")
+                        help="print the modelled memory traffic of the Triton and CUDA launches (bench/traffic.py, "
+                             "traffic_cuda.py) and exit")
     parser.add_argument("--gpu-shapes", action="store_true",
                         help="add issue 15's GPU shapes (cases.GPU_CASES) to the table")
     parser.add_argument("--gpu-model", default="h100", choices=("h100", "a100"),

@@ -9,7 +9,7 @@ H100-class GPU):
   graphs       CUDA-graph capture of a training step per backend, with synchronising calls
                made errors (tests/test_gpu_graphs.py), and a layer of more than 2^31 elements
                (tests/test_gpu_large.py)
-  traffic      the modelled traffic of the Triton launches (bench --traffic)
+  traffic      the modelled traffic of the Triton and CUDA launches (bench --traffic)
   bench        ``python -m fastfuse bench --device cuda --gpu-shapes`` (the paper's shapes and
                issue 15's (a)(b)(c); roofline from the bandwidth measured in the same run)
   sweep        benchmarks/sweep_speed.py on CUDA: lockstep vs sequential vs the paper's probe

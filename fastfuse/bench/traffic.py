@@ -1,4 +1,5 @@
-"""The Triton kernels' memory traffic as code: ``python -m fastfuse bench --traffic``.
+"""The kernels' memory traffic as code: ``python -m fastfuse bench --traffic`` (this module: the
+Triton launches; bench/traffic_cuda.py: the CUDA ones).
 
 For a shape, the launch decisions come from the launcher itself (fastfuse.backends.triton.plan:
 addressing mode, grid, scratch) and the tile sizes from the shipped config tables
@@ -16,8 +17,7 @@ addressing mode, grid, scratch) and the tile sizes from the shipped config table
 
 The ratio dram / minimum is the figure of merit; the autotuner is assumed to pick, among the
 configs it keeps, the one that moves the fewest DRAM bytes (the kernels are memory-bound at
-these shapes). The CUDA kernels' plan lives in csrc (its tile planner); this model does not
-restate it, so it covers the Triton backend only.
+these shapes).
 """
 from __future__ import annotations
 
@@ -31,10 +31,14 @@ class Gpu:
     name: str
     multiprocessors: int
     l2_bytes: int
+    # Shared memory (CUDA C++ Programming Guide, compute capabilities 9.0 / 8.0): the opt-in
+    # maximum of one block and the total of one SM; the CUDA planner's inputs.
+    shared_per_block_optin: int = 227 * 1024
+    shared_per_multiprocessor: int = 228 * 1024
 
 
-H100 = Gpu("H100 / H200 (132 SMs, 50 MiB L2)", 132, 50 * 2**20)
-A100 = Gpu("A100 (108 SMs, 40 MiB L2)", 108, 40 * 2**20)
+H100 = Gpu("H100 / H200 (132 SMs, 50 MiB L2)", 132, 50 * 2**20, 227 * 1024, 228 * 1024)
+A100 = Gpu("A100 (108 SMs, 40 MiB L2)", 108, 40 * 2**20, 163 * 1024, 164 * 1024)
 GPUS = {"h100": H100, "a100": A100}
 
 
@@ -254,25 +258,42 @@ def backward_traffic(shape: Shape, gpu: Gpu = H100, config: tuple | None = None,
                    dram, minimum)
 
 
+def _row(shape: Shape, backend: str, traffic: Traffic, kernel: str) -> dict:
+    return dict(shape=shape.name, backend=backend, kernel=kernel, config=list(traffic.config[:3]),
+                global_read=traffic.global_read, global_written=traffic.global_written, dram=traffic.dram,
+                minimum=traffic.minimum, ratio=traffic.ratio)
+
+
 def report(gpu: Gpu = H100, shapes=SHAPES) -> list[dict]:
+    """Rows per shape: the Triton launches, then (when the compiled library can answer the CUDA
+    planner) the CUDA ones as attentive_pool runs them (bench/traffic_cuda.py)."""
+    from .. import _extension
+    from . import traffic_cuda
+
     rows = []
     for shape in shapes:
         for traffic in (forward_traffic(shape, gpu), backward_traffic(shape, gpu),
                         backward_traffic(shape, gpu, layers_need_grad=True)):
-            rows.append(dict(shape=shape.name, kernel=traffic.kernel + (
-                " (layer grads)" if traffic.global_bytes.get("layer gradients", [0, 0])[1] else ""),
-                config=list(traffic.config[:3]), global_read=traffic.global_read,
-                global_written=traffic.global_written, dram=traffic.dram, minimum=traffic.minimum,
-                ratio=traffic.ratio))
+            grads = traffic.global_bytes.get("layer gradients", [0, 0])[1]
+            rows.append(_row(shape, "triton", traffic, traffic.kernel + (" (layer grads)" if grads else "")))
+        if _extension.load()[0]:
+            rows.append(_row(shape, "cuda", forward := traffic_cuda.forward_traffic(shape, gpu), forward.kernel))
+            for layers_need_grad in (False, True):
+                traffic = traffic_cuda.backward_traffic(shape, gpu, layers_need_grad=layers_need_grad)
+                rows.append(_row(shape, "cuda", traffic,
+                                 traffic.kernel + (" (layer grads)" if layers_need_grad else " (frozen)")))
     return rows
 
 
 def print_report(gpu: Gpu = H100) -> None:
-    print(f"# Triton launch traffic on {gpu.name} (model: fastfuse/bench/traffic.py); "
-          "CUDA backend: not modelled here (its tile planner lives in csrc)")
-    print(f"{'shape':44s} {'kernel':24s} {'tile N,D,H':12s} {'global R MB':>11s} {'global W MB':>11s} "
-          f"{'DRAM MB':>9s} {'min MB':>9s} {'ratio':>6s}")
+    from .. import _extension
+
+    cuda_note = ("" if _extension.load()[0]
+                 else f"; CUDA launches: not shown ({_extension.load()[1]})")
+    print(f"# Launch traffic on {gpu.name} (model: fastfuse/bench/traffic.py, traffic_cuda.py){cuda_note}")
+    print(f"{'shape':44s} {'backend':7s} {'kernel':38s} {'tile N,D,H':12s} {'global R MB':>11s} "
+          f"{'global W MB':>11s} {'DRAM MB':>9s} {'min MB':>9s} {'ratio':>6s}")
     for row in report(gpu):
-        print(f"{row['shape']:44s} {row['kernel']:24s} {','.join(map(str, row['config'])):12s} "
+        print(f"{row['shape']:44s} {row['backend']:7s} {row['kernel']:38s} {','.join(map(str, row['config'])):12s} "
               f"{row['global_read'] / 1e6:11.1f} {row['global_written'] / 1e6:11.1f} "
               f"{row['dram'] / 1e6:9.1f} {row['minimum'] / 1e6:9.1f} {row['ratio']:6.2f}")
