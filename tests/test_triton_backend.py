@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -217,16 +216,10 @@ def test_every_config_compiles_for_ampere_and_hopper_without_spills():
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     built = {(report["kernel"], report["config"]) for report in reports}
     assert built == {(kernel, index) for kernel, table in config_tables().items() for index in range(len(table))}
-    unaligned_spills = []
+    assert {report["dim"] % 16 != 0 for report in reports} == {False, True}  # D = 768 and D = 1000 builds
     for report in reports:
         assert 0 < report["registers"] <= 255, report
-        spills = report["spill_stores"] + report["spill_loads"]
-        if report["dim"] % 16 == 0:
-            assert spills == 0, f"spills: {report}"
-        elif spills:
-            unaligned_spills.append(report)
-    if unaligned_spills:  # known, not fixed yet: docs/gpu.md
-        warnings.warn(f"D not a multiple of 16 still spills in {len(unaligned_spills)} builds: {unaligned_spills}")
+        assert report["spill_stores"] + report["spill_loads"] == 0, f"spills: {report}"
 
 
 def test_forced_config_env_var(monkeypatch):

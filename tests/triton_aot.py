@@ -102,6 +102,7 @@ def build(kernel_name: str, index: int, arch: str, dtype: str, dim: int, address
     vector = 16 // {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
     constants = dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h, TOKEN_DTYPE=dtype,
                      ADDRESSING=addressing, ROW_ALIGN=vector if dim % vector == 0 else 1,
+                     DIM_ALIGN=vector if dim % vector == 0 and dim % 16 else 1,
                      ACC=tl.float64 if dtype == "float64" else tl.float32,
                      DOT_PRECISION="tf32" if half else "ieee", stride_d=1,
                      LAYERNORM=True)  # normalize="layernorm": the heavier form

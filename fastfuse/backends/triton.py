@@ -173,6 +173,7 @@ class LaunchPlan(NamedTuple):
     grad_align: int          # GRAD_ALIGN, the same for the (contiguous) gradients
     layout: tuple | None     # the key of the device tables (None for AFFINE: no tables)
     batch_bucket: int        # the batch rounded up to a power of two (autotune key)
+    dim_align: int = 1       # DIM_ALIGN: elements per 16-byte vector when they divide D and 16 does not
 
 
 def plan(shapes, strides, element_size: int, tokens: str, num_prefix_tokens: int) -> LaunchPlan:
@@ -183,15 +184,17 @@ def plan(shapes, strides, element_size: int, tokens: str, num_prefix_tokens: int
     num_tokens = num_gathered_tokens(list(lengths), tokens)
     stride_d = strides[0][2]
     grad_align = _alignment([dim], element_size)
+    # Triton states D % 16 == 0 itself; between that and one vector (D = 1000) the kernels say it.
+    dim_align = grad_align if dim % 16 else 1
     bucket = 1 << max(int(batch) - 1, 0).bit_length()
     if addressing == AFFINE:
         row_align = _alignment([strides[0][0], strides[0][1]], element_size) if stride_d == 1 else 1
-        return LaunchPlan(addressing, num_tokens, row_align, grad_align, None, bucket)
+        return LaunchPlan(addressing, num_tokens, row_align, grad_align, None, bucket, dim_align)
     layout = (lengths, tuple(tuple(stride) for stride in strides), tokens, num_prefix_tokens, dim)
     token_rows, _ = _plan(*layout)
     offsets = [value for row in token_rows for value in row[1:4]]
     row_align = _alignment(offsets, element_size) if stride_d == 1 else 1
-    return LaunchPlan(addressing, num_tokens, row_align, grad_align, layout, bucket)
+    return LaunchPlan(addressing, num_tokens, row_align, grad_align, layout, bucket, dim_align)
 
 
 def persistent_programs(batch: int, multiprocessors: int, l2_bytes: int, per_sm: int,
@@ -280,8 +283,8 @@ def _forward(layers, score_weight, tokens, num_prefix_tokens, eps, normalize):
         tuple(layers), token_table, score_weight, scratch, softmax_state, pooled, attention, mean, rstd,
         batch, num_tokens, dim, heads, first.stride(0), first.stride(1), stride_d, eps,
         launch.batch_bucket, TOKEN_DTYPE=str(first.dtype).removeprefix("torch."),
-        ADDRESSING=addressing, ROW_ALIGN=launch.row_align, LAYERNORM=normalize == "layernorm",
-        SMALLEST_NORMAL=torch.finfo(acc).tiny, **_dot_options(first.dtype))
+        ADDRESSING=addressing, ROW_ALIGN=launch.row_align, DIM_ALIGN=launch.dim_align,
+        LAYERNORM=normalize == "layernorm", SMALLEST_NORMAL=torch.finfo(acc).tiny, **_dot_options(first.dtype))
     return pooled, attention, mean, rstd
 
 
@@ -329,7 +332,8 @@ def _backward(grad_pooled, grad_attention, layers, score_weight, pooled, attenti
         first.stride(0), first.stride(1), stride_d, launch.batch_bucket,
         TOKEN_DTYPE=str(first.dtype).removeprefix("torch."),
         ADDRESSING=addressing, HAS_GRAD_ATTENTION=grad_attention is not None,
-        ROW_ALIGN=launch.row_align, GRAD_ALIGN=launch.grad_align, NEED_DX=layers_need_grad,
+        ROW_ALIGN=launch.row_align, GRAD_ALIGN=launch.grad_align, DIM_ALIGN=launch.dim_align,
+        NEED_DX=layers_need_grad,
         LAYERNORM=normalize == "layernorm", **_dot_options(first.dtype))
     # Per-program partials summed in a fixed order: deterministic.
     return grads, grad_weight.sum(dim=0).to(score_weight.dtype)
@@ -370,7 +374,7 @@ def moments(layers, tokens, num_prefix_tokens):
     token_moments_kernel[(programs,)](
         tuple(layers), token_table, scratch, partials, batch, num_tokens, dim,
         first.stride(0), first.stride(1), stride_d, ADDRESSING=addressing,
-        ROW_ALIGN=launch.row_align, ACC=_dot_options(first.dtype)["ACC"], BLOCK_N=16,
+        ROW_ALIGN=launch.row_align, DIM_ALIGN=launch.dim_align, ACC=_dot_options(first.dtype)["ACC"], BLOCK_N=16,
         BLOCK_D=min(128, max(16, 1 << (dim - 1).bit_length())))
     # program p holds samples p, p + programs, ...: its token count
     counts = ((batch - torch.arange(programs, device=first.device) + programs - 1) // programs

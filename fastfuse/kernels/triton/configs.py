@@ -38,14 +38,15 @@ _INTERPRETER = dict(BLOCK_N=32, BLOCK_D=32, BLOCK_H=16)
 # half tile, so they get smaller tiles.
 HALF, FLOAT32, FLOAT64 = "half", "float32", "float64"
 _FORWARD = [
-    (32, 128, 16, 8, 2, 128, (HALF, FLOAT32)),
+    (32, 128, 16, 8, 1, 128, (HALF, FLOAT32)),
     (32, 64, 16, 4, 2, 128, (HALF,)),
     (64, 64, 16, 8, 2, 128, (HALF,)),
-    (32, 256, 16, 8, 2, None, (HALF, FLOAT32)),
+    (32, 256, 16, 8, 1, None, (HALF, FLOAT32)),
     (16, 32, 16, 4, 2, None, (FLOAT64,)),
 ]
 _BACKWARD = [
-    (16, 64, 16, 4, 3, None, (HALF, FLOAT32)),
+    (16, 64, 16, 4, 3, None, (HALF,)),
+    (16, 64, 16, 4, 1, None, (FLOAT32,)),  # one stage: the exact float32 dots spilled with more
     (32, 128, 16, 8, 2, None, (HALF,)),
     (16, 32, 16, 4, 2, None, (FLOAT64,)),
 ]

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .configs import AUTOTUNE_KEY, BACKWARD_SWITCHES, backward_configs, pruner
-from .tokens import (GATHERED, LAYER_AP_TOKEN, LAYER_CLS_TOKEN, LAYER_COLUMNS, LAYER_LENGTH,
+from .tokens import (GATHERED, aligned_dim, LAYER_AP_TOKEN, LAYER_CLS_TOKEN, LAYER_COLUMNS, LAYER_LENGTH,
                      gather_sample, grad_row_pointers, load_token_tile, slot_row)
 
 
@@ -73,8 +73,9 @@ def pool_backward_kernel(
     grads, grad_weight_ptr, token_scratch_ptr, head_scratch_ptr, row_scratch_ptr,
     batch, num_tokens, dim, heads, num_prefix_tokens, stride_b, stride_t, stride_d, batch_bucket,
     TOKEN_DTYPE: tl.constexpr, ADDRESSING: tl.constexpr, HAS_GRAD_ATTENTION: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    GRAD_ALIGN: tl.constexpr, NEED_DX: tl.constexpr, LAYERNORM: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    GRAD_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, NEED_DX: tl.constexpr, LAYERNORM: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    dim = aligned_dim(dim, DIM_ALIGN)
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     n_base = tl.arange(0, BLOCK_N)

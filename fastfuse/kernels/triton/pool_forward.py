@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import AUTOTUNE_KEY, FORWARD_SWITCHES, forward_configs, pruner
-from .tokens import GATHERED, gather_sample, load_token_tile, slot_row, token_scale
+from .tokens import GATHERED, aligned_dim, gather_sample, load_token_tile, slot_row, token_scale
 
 
 @triton.autotune(configs=forward_configs(), key=AUTOTUNE_KEY + FORWARD_SWITCHES,
@@ -41,10 +41,12 @@ def pool_forward_kernel(
     layers, token_table_ptr, weight_ptr, scratch_ptr, state_ptr,
     pooled_ptr, attention_ptr, mean_ptr, rstd_ptr,
     batch, num_tokens, dim, heads, stride_b, stride_t, stride_d, eps, batch_bucket,
-    TOKEN_DTYPE: tl.constexpr, ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, LAYERNORM: tl.constexpr,
+    TOKEN_DTYPE: tl.constexpr, ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr,
+    LAYERNORM: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, SMALLEST_NORMAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    dim = aligned_dim(dim, DIM_ALIGN)
     pid = tl.program_id(0)
     n_base = tl.arange(0, BLOCK_N)
     d_base = tl.arange(0, BLOCK_D)

@@ -11,16 +11,17 @@ its digits when |mean| >> std.
 import triton
 import triton.language as tl
 
-from .tokens import GATHERED, gather_sample, load_token_tile, slot_row
+from .tokens import GATHERED, aligned_dim, gather_sample, load_token_tile, slot_row
 
 
 @triton.jit
 def token_moments_kernel(
     layers, token_table_ptr, scratch_ptr, partials_ptr,
     batch, num_tokens, dim, stride_b, stride_t, stride_d,
-    ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC: tl.constexpr,
+    ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr, DIM_ALIGN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    dim = aligned_dim(dim, DIM_ALIGN)
     pid = tl.program_id(0)
     n_base = tl.arange(0, BLOCK_N)
     d_base = tl.arange(0, BLOCK_D)

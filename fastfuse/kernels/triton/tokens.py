@@ -61,6 +61,18 @@ def layer_pointers(bases, layer, rows):
 
 
 @triton.jit
+def aligned_dim(dim, DIM_ALIGN: tl.constexpr):
+    """D itself, stated as a multiple of DIM_ALIGN (> 1 only when one 16-byte vector divides D
+    and 16 does not: backends/triton.py plan): the masks ``d < dim`` are then constant over a
+    vector, so loads and stores stay 16-byte vectors at D = 1000 too (Triton's own
+    specialisation states multiples of 16 only; without this D = 1000 ran element by element
+    and spilled). Left alone otherwise: a computed D costs a register everywhere it is used."""
+    if DIM_ALIGN > 1:
+        dim = (dim // DIM_ALIGN) * DIM_ALIGN
+    return dim
+
+
+@triton.jit
 def token_row_pointers(layers, token_table_ptr, b64, n_offs, n_mask, stride_b, stride_t,
                        ADDRESSING: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """Pointers to the first row of tokens ``n_offs`` of sample b."""
