@@ -3,7 +3,8 @@ register report of each build (ptxas -v): the check that no shipped config spill
 
 Run as a script (the interpreter must be off when triton is imported, so the tests call it in a
 subprocess): ``python tests/triton_aot.py [--all] [--arch sm_90 ...]``. It prints one JSON line
-per build: kernel, config index, arch, dtype, dim, addressing, registers, spill bytes.
+per build: kernel, config index, arch, dtype, dim, addressing, 2-byte global stores, registers,
+spill bytes.
 
 What varies between builds, and so is covered: every config of each kernel's table
 (kernels/triton/configs.py), the accumulation (float32 for float16 / bfloat16 / float32 tokens,
@@ -119,8 +120,11 @@ def build(kernel_name: str, index: int, arch: str, dtype: str, dim: int, address
         options["maxnreg"] = maxnreg
     capability = int(arch.removeprefix("sm_"))
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    # 2-byte global stores: a float16 / bfloat16 gradient row written element by element.
+    narrow_stores = len(re.findall(r"\bst\.global(?:\.[a-z]+)*\.(?:b16|u16|s16|f16|bf16)\b", ptx))
     return dict(kernel=kernel_name, config=index, arch=arch, dtype=dtype, dim=dim,
-                addressing=addressing, **_ptxas_report(compiled.asm["ptx"], arch))
+                addressing=addressing, narrow_stores=narrow_stores, **_ptxas_report(ptx, arch))
 
 
 def _dtypes(classes) -> list[str]:
