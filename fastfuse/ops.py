@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .backends import cuda as cuda_backend
 from .backends import get as _get_backend, requested_name, resolve as _resolve_backend
 from .gather import gather_tokens, normalize_inputs, reads_rows_once
 from .op_contract import NORMALIZATIONS, compute_dtype, fake_backward, fake_forward
@@ -141,9 +140,8 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     for the backward (small next to the layers: N rows per sample instead of sum T_l). Where
     that gather would itself read the layers more than once (see gather.reads_rows_once:
     half layers on CPU, float64 layers on an eager GPU), and in inference or
-    when a layer needs its gradient, the op gathers inside its kernels as before; except on the
-    cuda backend when its forward would split the heads into several tiles, each gathering
-    the tokens again (_gather_first).
+    when a layer needs its gradient, the op gathers inside its kernels as before (the cuda
+    forward, when it splits the heads over blocks, gathers once into a stack of its own first).
     """
     layers, tokens, num_prefix_tokens = normalize_inputs(x, tokens, num_prefix_tokens)
     score_weight = check_score_weight(score_weight, layers[0])
@@ -153,7 +151,7 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     name = requested_name(backend)
     if not torch.compiler.is_compiling():
         name = _resolve_backend(name, layers, score_weight, normalize=normalize)
-    if _gather_first(layers, tokens, score_weight, acc, name):
+    if _gather_first(layers, tokens, score_weight, acc):
         # Gather once here, so the fused op (and its backward) touch only the small (B, N, D)
         # stack (kept for the backward), never the layers again.
         layers = (gather_tokens(layers, tokens, num_prefix_tokens, acc),)
@@ -164,26 +162,16 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     return pooled, attention
 
 
-def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype, backend: str) -> bool:
-    """Whether to gather the tokens in plain PyTorch before the op (no layer needing a
-    gradient, a gathered spec), when the fused gather would read the layers more often:
-    - the cuda backend would split the heads into several tiles, each gathering the patch
-      averages again (backends/cuda.py: forward_head_tiles), in inference too: one gather
-      here reads the rows once (gather.reads_rows_once), else twice (patch_average's
-      overflow-safe form), so it takes over from two tiles, else from three;
-    - frozen features in training (a gradient to come, else the fused gather reads the layers
-      once anyway), where the gather itself reads the layers once (gather.reads_rows_once;
-      always under torch.compile, where the gather fuses into one pass)."""
+def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype) -> bool:
+    """Whether to gather the tokens in plain PyTorch before the op: frozen features in training
+    (a gathered spec, no layer needing a gradient, a gradient to come: else the fused gather
+    reads the layers once anyway), where the gather itself reads the layers once
+    (gather.reads_rows_once; always under torch.compile, where the gather fuses into one pass)."""
     if tokens == "all" or any(layer.requires_grad for layer in layers):
         return False
-    one_pass = reads_rows_once(layers[0].dtype, acc, layers[0].device)
-    if backend == "cuda" and tokens != "cls" and not torch.compiler.is_compiling():
-        head_tiles = cuda_backend.forward_head_tiles(layers, tokens, score_weight.shape[0])
-        if head_tiles > (1 if one_pass else 2):
-            return True
     if not (torch.is_grad_enabled() and score_weight.requires_grad):
         return False
-    return torch.compiler.is_compiling() or one_pass
+    return torch.compiler.is_compiling() or reads_rows_once(layers[0].dtype, acc, layers[0].device)
 
 
 def check_normalize(normalize) -> str:

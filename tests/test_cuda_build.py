@@ -27,7 +27,7 @@ ARCHS = ("sm_80", "sm_90")
 TYPES = ("float, float", "double, double", "c10::Half, float", "c10::BFloat16, float")
 EXPECTED_KERNELS = {f"fused_pool_forward_kernel<{types}>" for types in TYPES} | {
     f"fused_pool_backward_kernel<{types}, {grads}>" for types in TYPES for grads in ("true", "false")
-} | {f"token_moments_kernel<{types}>" for types in ("float, float", "double, double", "c10::Half, float",
+} | {f"gather_tokens_kernel<{types}>" for types in TYPES} | {f"token_moments_kernel<{types}>" for types in ("float, float", "double, double", "c10::Half, float",
                                                  "c10::BFloat16, float")
 } | {f"{kernel}<{accum}>" for kernel in ("weight_grad_reduce_kernel", "token_moments_reduce_kernel")
      for accum in ("float", "double")}

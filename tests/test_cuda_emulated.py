@@ -137,6 +137,7 @@ def run_case(runner, case: Case, tmp_path):
         shapes += [(case.batch, length, case.dim) for length in case.lengths]
     shapes.append((case.heads, case.dim))
     shapes += [(case.dim,), (case.dim,)]  # token_moments
+    shapes.append((case.batch, num_tokens, case.dim))  # the gather pass's stack
     outputs, position = [], 0
     for shape in shapes:
         count = int(np.prod(shape))
@@ -153,27 +154,29 @@ def run_case(runner, case: Case, tmp_path):
 def reference(case: Case, layers, weight, grad_pooled, grad_attention):
     *forward, grads, grad_weight = pool_with_grads(layers, weight, case.tokens, case.prefix, grad_pooled,
                                                    grad_attention, normalize=case.normalize)
-    moments = moments_reference(stack_tokens([layer.double() for layer in layers], case.tokens, case.prefix))
-    return forward, grads, grad_weight, moments
+    stack = stack_tokens([layer.double() for layer in layers], case.tokens, case.prefix)
+    return forward, grads, grad_weight, moments_reference(stack), stack
 
 
 def check(runner, case, tmp_path):
     outputs, inputs = run_case(runner, case, tmp_path)
-    forward, grads, grad_weight, moments = reference(case, *inputs)
+    forward, grads, grad_weight, moments, stack = reference(case, *inputs)
     names = ["pooled", "attention", "mean", "rstd"]
     for name, ours, theirs in zip(names, outputs[:4], forward):
         assert torch.isfinite(ours).all(), f"{name}: non-finite values (uninitialised shared memory?)"
         assert rel_err(ours, theirs) < FORWARD_TOL[case.dtype], f"{name}: {rel_err(ours, theirs):.3g}"
-    ours_grads = outputs[4:-3]
+    ours_grads = outputs[4:-4]
     if case.need_grad:
         for index, (ours, theirs) in enumerate(zip(ours_grads, grads)):
             assert torch.isfinite(ours).all(), f"layer {index} gradient: unwritten elements"
             assert rel_err(ours, theirs) < GRAD_TOL[case.dtype], f"layer {index}: {rel_err(ours, theirs):.3g}"
     tol = FORWARD_TOL[case.dtype] * 5
-    assert torch.isfinite(outputs[-3]).all()
-    assert rel_err(outputs[-3], grad_weight) < tol, f"dw: {rel_err(outputs[-3], grad_weight):.3g}"
+    assert torch.isfinite(outputs[-4]).all()
+    assert rel_err(outputs[-4], grad_weight) < tol, f"dw: {rel_err(outputs[-4], grad_weight):.3g}"
+    # The gather pass: the tokens themselves, exact but for the averages' rounding.
+    assert rel_err(outputs[-1], stack) < FORWARD_TOL[case.dtype], f"stack: {rel_err(outputs[-1], stack):.3g}"
     if case.magnitude == 1.0:  # (huge tokens: their variance is not finite in float32)
-        for name, ours, theirs in zip(("moments mean", "moments var"), outputs[-2:], moments):
+        for name, ours, theirs in zip(("moments mean", "moments var"), outputs[-3:-1], moments):
             assert rel_err(ours, theirs) < FORWARD_TOL[case.dtype], f"{name}: {rel_err(ours, theirs):.3g}"
     return outputs
 
@@ -195,6 +198,8 @@ CASES = [
     pytest.param(Case(lengths=(13,), dim=21, heads=6), id="tokens-D21"),
     # Plans: head tiles, dw in global memory, dw only, fewer blocks than samples.
     pytest.param(Case(lengths=(19,), heads=11, head_tile=4), id="head-tiles"),
+    # Head tiles on a gathered spec: the gather pass, then the forward over its stack.
+    pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", heads=11, head_tile=4), id="cls+ap-head-tiles-stack"),
     pytest.param(Case(lengths=(19,), heads=6, dw_shared=False, backward_blocks=2, batch=5), id="dw-global-2blocks"),
     pytest.param(Case(lengths=(9, 7, 12), tokens="cls+ap", need_grad=False), id="dw-only"),
     # dw-only with heads tiled over blocks (ragged last tile), ranges of several samples.

@@ -3,7 +3,6 @@ gathers the tokens once in plain PyTorch and runs the op on that (B, N, D) stack
 backend's backward never re-reads the layers. Outputs and dw against the float64 oracle
 (tests/reference.py); which path ran, through a spy on the backend's forward and backward."""
 import dataclasses
-import importlib
 
 import pytest
 import torch
@@ -167,62 +166,6 @@ def test_huge_tokens_under_torch_compile():
     assert attention.shape == (2, 3, 2)
     (pooled * GRAD_POOLED).sum().backward()
     _check_huge(pooled, attention, moved_weight.grad, huge, weight)
-
-
-@pytest.mark.parametrize("dtype,tiles,expected", [
-    (torch.float32, 1, False),   # one head tile: the fused gather reads the layers once
-    (torch.float32, 2, True),    # float32 on CPU averages in one pass: worth it from 2 tiles
-    (torch.bfloat16, 2, False),  # a two-pass overflow-safe average: worth it from 3 tiles
-    (torch.bfloat16, 3, True),
-])
-def test_cuda_head_tiles_gather_first_in_inference(dtype, tiles, expected, monkeypatch):
-    """The cuda forward runs a block per (sample, head tile), each gathering the sample's
-    tokens: with enough tiles attentive_pool gathers once first, in inference too."""
-    cuda_backend = importlib.import_module("fastfuse.backends.cuda")  # (fastfuse.backends is a function)
-
-    asked = []
-
-    def head_tiles(layers, tokens, heads):
-        asked.append((tokens, heads))
-        return tiles
-
-    monkeypatch.setattr(cuda_backend, "forward_head_tiles", head_tiles)
-    layers = _frozen_layers(dtype, "cpu", 1)
-    weight = torch.randn(40, 8)
-    acc = torch.float32
-    with torch.no_grad():
-        assert fastfuse.ops._gather_first(layers, "cls+ap", weight, acc, "cuda") is expected
-        assert asked == [("cls+ap", 40)]
-        # CLS rows only: nothing is averaged, a head tile re-reads N rows only.
-        assert fastfuse.ops._gather_first(layers, "cls", weight, acc, "cuda") is False
-        # Other backends read every token once for all heads.
-        assert fastfuse.ops._gather_first(layers, "cls+ap", weight, acc, "cpu") is False
-    layers[0].requires_grad_()
-    assert fastfuse.ops._gather_first(layers, "cls+ap", weight, acc, "cuda") is False
-
-
-def test_cuda_forward_head_tiles_follow_the_planner(monkeypatch):
-    """forward_head_tiles asks csrc/common/launch_plan.h (through the compiled library) with the
-    GPU's shared-memory limits; here an H100's, monkeypatched in (no GPU needed)."""
-    cuda_backend = importlib.import_module("fastfuse.backends.cuda")  # (fastfuse.backends is a function)
-    from fastfuse import _extension
-
-    loaded, reason = _extension.load()
-    if not loaded:
-        pytest.skip(reason)
-    monkeypatch.setattr(cuda_backend, "_shared_memory_limits", lambda index: (227 * 1024, 228 * 1024))
-    cuda_backend._forward_head_tiles.cache_clear()
-    try:
-        for heads in (12, 192):
-            plan = cuda_backend.launch_plan(768, heads, 24, torch.bfloat16, tokens="cls+ap",
-                                            layers_need_grad=False, shared_per_block_optin=227 * 1024,
-                                            shared_per_multiprocessor=228 * 1024)
-            tiles = cuda_backend._forward_head_tiles(0, 768, heads, 24, torch.bfloat16, "cls+ap")
-            assert (tiles - 1) * plan["forward_head_tile"] < heads <= tiles * plan["forward_head_tile"]
-        assert cuda_backend._forward_head_tiles(0, 768, 12, 24, torch.bfloat16, "cls+ap") == 1
-        assert cuda_backend._forward_head_tiles(0, 768, 192, 24, torch.bfloat16, "cls+ap") > 2
-    finally:
-        cuda_backend._forward_head_tiles.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])

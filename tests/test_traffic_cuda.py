@@ -42,18 +42,20 @@ def test_many_heads_are_tiled_and_skip_z_in_the_frozen_backward():
 
 
 def test_the_modelled_path_is_attentive_pools():
-    """gathers_first restates ops._gather_first for the cuda backend: compare the two on the
-    decision's inputs (the planner's head tiles, the dtype rule), with a stand-in CUDA device."""
+    """gathers_first restates ops._gather_first (frozen training, a gathered spec, a one-pass
+    PyTorch average: gather.reads_rows_once on a CUDA device); forward_launches restates
+    fused_pool_cuda.cu (the gather pass before a forward whose heads are tiled)."""
     from fastfuse import gather
 
     for shape in traffic.SHAPES:
         dtype = traffic_cuda._dtype(shape.itemsize)
         one_pass = gather.reads_rows_once(dtype, torch.float32, torch.device("cuda"))
         assert one_pass == traffic_cuda._one_pass_gather(shape)
-    assert traffic_cuda.gathers_first(traffic.SHAPES[1], training=False)      # 192 heads: tiled
-    assert not traffic_cuda.gathers_first(traffic.SHAPES[0], training=False)  # 12 heads: one tile
     assert traffic_cuda.gathers_first(traffic.SHAPES[0], training=True)       # frozen training
+    assert not traffic_cuda.gathers_first(traffic.SHAPES[0], training=False)  # inference: in the kernels
     assert not traffic_cuda.gathers_first(traffic.SHAPES[2], training=True)   # "all": nothing to gather
+    kernels = [[launch.kernel for launch in traffic_cuda.forward_launches(shape)] for shape in traffic.SHAPES]
+    assert kernels == [["forward"], ["gather", "forward (on the stack)"], ["forward"]]  # (b): 192 heads, tiled
 
 
 # A made-up GPU whose 12,000 bytes of shared memory per block force head tiles at D=64, H=40
@@ -75,11 +77,19 @@ def test_token_reads_match_the_emulated_kernels(runner, gpu, tokens, need_grad, 
                 plan_limits=(gpu.shared_per_block_optin, gpu.shared_per_multiprocessor))
     run_case(runner, case, tmp_path)
     shape = traffic.Shape("emulated", batch, layers, length, dim, heads, tokens, num_prefix_tokens=1, itemsize=4)
-    forward = traffic_cuda.forward_launch(shape, gpu)
+    launches = traffic_cuda.forward_launches(shape, gpu)
     backward = traffic_cuda.backward_launch(shape, gpu, layers_need_grad=need_grad)
     tile, head_tile, backward_tile, _, backward_head_tile = case.used_plan
-    assert forward.config == (tile, dim, head_tile) and backward.config == (backward_tile, dim, backward_head_tile)
-    assert case.token_bytes["forward"] == forward.global_bytes["layers"][0]
+    assert backward.config == (backward_tile, dim, backward_head_tile)
+    if len(launches) == 2:  # heads tiled on a gathered spec: the gather pass, then the stack
+        gather, forward = launches
+        assert tokens != "all" and head_tile < heads
+        assert case.token_bytes["gather"] == gather.global_bytes["layers"][0]
+        assert case.token_bytes["forward"] == forward.global_bytes["tokens"][0]
+    else:
+        (forward,) = launches
+        assert forward.config == (tile, dim, head_tile)
+        assert case.token_bytes["forward"] == forward.global_bytes["layers"][0]
     assert case.token_bytes["backward"] == backward.global_bytes["layers"][0]
     if gpu is TIGHT and tokens == "cls+ap":  # the case is about head tiles: make sure there are some
-        assert head_tile < heads and backward_head_tile < heads
+        assert len(launches) == 2 and backward_head_tile < heads

@@ -111,6 +111,25 @@ ForwardPlan checked_forward_plan(const PoolProblem& problem) {
   return plan;
 }
 
+// The gathered tokens of every sample, (B, N, D) in acc_t (gather_tokens_kernel).
+template <typename scalar_t, typename acc_t>
+at::Tensor gather_stack(const PoolProblem& problem, const GatherArgs& args, const at::TensorOptions& options) {
+  const int64_t num_tokens = problem.num_tokens();
+  at::Tensor stack = at::empty({problem.batch, num_tokens, problem.dim}, options);
+  const PlanInput input = plan_input(problem, false);
+  // The pass holds what token_moments holds (a tile and the averaging scratch): its tiles.
+  const int tile_tokens = plan_moments(input, current_shared_memory_limits());
+  TORCH_CHECK(tile_tokens > 0, "fastfuse: D = ", problem.dim, " is too large for the cuda backend's "
+              "gather tiles on this GPU; use backend='triton'");
+  const int64_t bytes = moments_bytes(input, tile_tokens);
+  auto kernel = gather_tokens_kernel<scalar_t, acc_t>;
+  allow_shared_memory(kernel, bytes);
+  kernel<<<static_cast<unsigned>(problem.batch), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      args, tile_tokens, stack.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return stack;
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     const PoolProblem& problem, at::TensorList layers, const at::Tensor& score_weight_in, double eps,
@@ -124,6 +143,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   const at::Tensor score_weight = score_weight_in.contiguous();
   const ForwardPlan plan = checked_forward_plan(problem);
   const int head_tiles = ceil_div(static_cast<int>(heads), plan.head_tile);
+  if (head_tiles > 1 && problem.spec != TokenSpec::kAll) {
+    // Each block of heads would gather the sample's tokens again (patch averages: every row
+    // of every layer): gather once into a (B, N, D) stack in acc_t, then pool over it.
+    const at::Tensor stack = gather_stack<scalar_t, acc_t>(problem, args, layers[0].options().dtype(problem.compute_dtype));
+    const std::vector<at::Tensor> stacked{stack};
+    return forward_typed<acc_t>(check_forward_args(stacked, score_weight_in, "all", 0, c10::DeviceType::CUDA),
+                                stacked, score_weight_in, eps, layernorm);
+  }
   const int64_t blocks = batch * head_tiles;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastfuse: B x head tiles = ", blocks,
               " exceeds the CUDA grid limit");

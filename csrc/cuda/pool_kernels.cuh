@@ -391,6 +391,34 @@ weight_grad_reduce_kernel(const acc_t* __restrict__ partials, int ranges, int he
   grad_weight[index] = sum;
 }
 
+// ---- the forward's gather pass --------------------------------------------------------------
+// stack[b][n][d] = gathered token n of sample b (patch averages included), in acc_t: a forward
+// whose heads are tiled over blocks runs on this (B, N, D) stack, so that the layers are read
+// once, not once per head tile (fused_pool_cuda.cu). One block per sample, tiles as the pool
+// kernels gather them. (Footprint: moments_shared_elements, the tile and the averaging scratch.)
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+gather_tokens_kernel(const __grid_constant__ GatherArgs args, int tile_tokens, acc_t* __restrict__ stack) {
+  unsigned char* shared_bytes = dynamic_shared_memory();
+  const int dim = args.dim, padded_dim = args.padded_dim, num_tokens = args.num_tokens;
+  TokenSlot* slots = reinterpret_cast<TokenSlot*>(shared_bytes);
+  acc_t* tile = reinterpret_cast<acc_t*>(shared_bytes + slot_bytes(tile_tokens));
+  acc_t* partial = tile + tile_tokens * padded_dim;
+  const int64_t b = blockIdx.x;
+  for (int n0 = 0; n0 < num_tokens; n0 += tile_tokens) {
+    const int count = min(tile_tokens, num_tokens - n0);
+    fill_slots<scalar_t>(args, nullptr, b, n0, count, slots);
+    __syncthreads();
+    gather_tile<scalar_t, acc_t>(slots, count, dim, padded_dim, tile, partial);
+    acc_t* rows = stack + (b * num_tokens + n0) * dim;
+    for (int i = threadIdx.x; i < count * dim; i += kThreads) {
+      const int j = i / dim;
+      rows[i] = tile[j * padded_dim + (i - j * dim)];
+    }
+    __syncthreads();  // the next tile overwrites `tile` and `slots`
+  }
+}
+
 // ---- token_moments -------------------------------------------------------------------------
 // Per-channel mean and M2 over the gathered tokens of a contiguous range of samples per block
 // (as the backward splits the batch): tiles gathered into shared memory as the pool kernels do,

@@ -9,7 +9,6 @@ Design, build switches and the resource report: docs/cuda.md.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -60,32 +59,6 @@ def launch_plan(dim: int, heads: int, num_tokens: int, dtype: torch.dtype, *, to
         dtype.itemsize, dim, heads, num_tokens, tokens in ("ap", "cls+ap"), layers_need_grad,
         shared_per_block_optin, shared_per_multiprocessor)
     return dict(zip(_PLAN_FIELDS, values))
-
-
-def forward_head_tiles(layers, tokens: str, heads: int) -> int:
-    """How many tiles of heads the CUDA forward splits H into for this call on the layers' GPU.
-    It runs one block per (sample, head tile), and each block gathers the sample's tokens (patch
-    averages included), so a call with several tiles reads the layers that many times
-    (fastfuse/ops.py then gathers once before the op). Asked when the op runs, never traced."""
-    device = layers[0].device
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    num_tokens = num_gathered_tokens([layer.shape[1] for layer in layers], tokens)
-    return _forward_head_tiles(index, layers[0].shape[-1], heads, num_tokens, layers[0].dtype, tokens)
-
-
-@functools.lru_cache(maxsize=256)
-def _forward_head_tiles(device_index: int, dim: int, heads: int, num_tokens: int, dtype: torch.dtype,
-                        tokens: str) -> int:
-    optin, per_multiprocessor = _shared_memory_limits(device_index)
-    plan = launch_plan(dim, heads, num_tokens, dtype, tokens=tokens, layers_need_grad=False,
-                       shared_per_block_optin=optin, shared_per_multiprocessor=per_multiprocessor)
-    head_tile = plan["forward_head_tile"]
-    return -(-heads // head_tile) if head_tile > 0 else 1
-
-
-def _shared_memory_limits(device_index: int) -> tuple[int, int]:
-    properties = torch.cuda.get_device_properties(device_index)
-    return properties.shared_memory_per_block_optin, properties.shared_memory_per_multiprocessor
 
 
 def kernel_limits(dim: int, heads: int, dtype: torch.dtype) -> tuple[int, int]:

@@ -2,10 +2,10 @@
 
 For a shape, the launches are those that ``attentive_pool`` would run on the cuda backend:
 
-- which path: ``fastfuse/ops.py: _gather_first`` -- the layers straight into the kernels, or a
-  plain-PyTorch gather of the (B, N, D) stack first (always in frozen-feature training for the
-  dtypes whose patch average is one pass; in inference too when the forward would tile the
-  heads);
+- which path: ``fastfuse/ops.py: _gather_first`` -- the layers straight into the kernels, or (in
+  frozen-feature training, for the dtypes whose patch average PyTorch reads in one pass) a
+  plain-PyTorch gather of the (B, N, D) stack first; and, inside the forward, the gather pass
+  that csrc/cuda/fused_pool_cuda.cu runs before a forward whose heads are tiled over blocks;
 - the tiles: the host planner of csrc/common/launch_plan.h, asked through the compiled library
   (``backends/cuda.py: launch_plan``) with the GPU's shared-memory limits; the backward's grid
   is ``backward_grid`` of the same header (restated in :func:`_backward_grid`).
@@ -17,7 +17,8 @@ DRAM, by the rule of fastfuse/bench/traffic.py (a first touch does; a re-read do
 data cannot still sit in L2). Two CUDA-specific assumptions:
 
 - the head-tile blocks of one sample are adjacent in the grid, so they run together and read the
-  same token rows at about the same time: one DRAM read, the others hit L2;
+  same token rows (the stack's, or "all" tokens') at about the same time: one DRAM read, the
+  others hit L2;
 - the backward's dw partials stay in L2 between the per-tile updates when all blocks' partials
   fit in L2 together, else every update goes to DRAM.
 
@@ -69,18 +70,17 @@ def _one_pass_gather(shape: Shape) -> bool:
     return shape.itemsize != 8
 
 
-def gathers_first(shape: Shape, gpu: Gpu = H100, *, training: bool) -> bool:
-    """ops._gather_first for the cuda backend on frozen layers (none needs its gradient)."""
-    if shape.tokens == "all":
-        return False
-    one_pass = _one_pass_gather(shape)
-    if shape.tokens != "cls":
-        plan = _plan(shape, gpu, dim_tokens=_num_tokens(shape), itemsize=shape.itemsize, tokens=shape.tokens,
-                     layers_need_grad=False)
-        head_tiles = math.ceil(shape.heads / plan["forward_head_tile"])
-        if head_tiles > (1 if one_pass else 2):
-            return True
-    return training and one_pass
+def gathers_first(shape: Shape, training: bool) -> bool:
+    """ops._gather_first for frozen layers (none needs its gradient): a training step on a
+    gathered spec whose patch averages PyTorch reads in one pass gathers the stack first."""
+    return training and shape.tokens != "all" and _one_pass_gather(shape)
+
+
+def forward_head_tiles(shape: Shape, gpu: Gpu = H100) -> int:
+    """Blocks of heads per sample of the CUDA forward on the layers (the planner's head tile)."""
+    plan = _plan(shape, gpu, dim_tokens=_num_tokens(shape), itemsize=shape.itemsize, tokens=shape.tokens,
+                 layers_need_grad=False)
+    return math.ceil(shape.heads / plan["forward_head_tile"])
 
 
 def _resident_blocks(gpu: Gpu, shared_bytes: int, accumulator: int) -> int:
@@ -104,15 +104,15 @@ def _padded(count: int, quantum: int) -> int:
     return math.ceil(count / quantum) * quantum
 
 
-def _gather_launch(shape: Shape) -> Traffic:
-    """gather.gather_tokens in plain PyTorch: every needed row read once (one-pass dtypes), a
-    (B, D) column per token in the compute dtype, then torch.stack into (B, N, D)."""
+def gather_launch(shape: Shape) -> Traffic:
+    """gather_tokens_kernel (pool_kernels.cuh): every needed row read once, the (B, N, D) stack
+    written once in the compute dtype. fused_pool_cuda.cu runs it before a forward whose heads
+    are tiled over blocks, so that the layers are not read once per head tile."""
     B, D, e, a = shape.batch, shape.dim, shape.itemsize, _accumulator(shape)
     N = _num_tokens(shape)
-    column = N * D * a
-    per_sample = {"layers": [_rows_read(shape) * D * e, 0], "columns": [column, column], "stack": [0, column]}
-    dram = B * (_rows_read(shape) * D * e + 3 * column)
-    return Traffic("gather (PyTorch)", (), {k: [B * r, B * w] for k, (r, w) in per_sample.items()}, dram,
+    per_sample = {"layers": [_rows_read(shape) * D * e, 0], "stack": [0, N * D * a]}
+    dram = B * (_rows_read(shape) * D * e + N * D * a)
+    return Traffic("gather", (), {k: [B * r, B * w] for k, (r, w) in per_sample.items()}, dram,
                    _forward_minimum(shape))
 
 
@@ -152,23 +152,32 @@ def forward_launch(shape: Shape, gpu: Gpu = H100, *, on_stack: bool = False) -> 
                    dram, _forward_minimum(shape))
 
 
+def forward_launches(shape: Shape, gpu: Gpu = H100) -> list[Traffic]:
+    """The kernels of a CUDA forward on frozen layers (inference): the forward on the layers,
+    or, with heads tiled over blocks on a gathered spec, the gather pass and the forward over
+    its stack (fused_pool_cuda.cu forward_typed)."""
+    if shape.tokens != "all" and forward_head_tiles(shape, gpu) > 1:
+        return [gather_launch(shape), forward_launch(shape, gpu, on_stack=True)]
+    return [forward_launch(shape, gpu)]
+
+
 def forward_traffic(shape: Shape, gpu: Gpu = H100) -> Traffic:
-    """An inference forward as attentive_pool runs it on the cuda backend: the kernel on the
-    layers, or the PyTorch gather and the kernel on the stack (their bytes added up)."""
-    if not gathers_first(shape, gpu, training=False):
-        return forward_launch(shape, gpu)
-    gather, forward = _gather_launch(shape), forward_launch(shape, gpu, on_stack=True)
-    global_bytes = {f"gather: {key}": value for key, value in gather.global_bytes.items()}
-    global_bytes.update(forward.global_bytes)
-    return Traffic(f"gather + {forward.kernel}", forward.config, global_bytes, gather.dram + forward.dram,
-                   forward.minimum)
+    """An inference forward on the cuda backend, its launches' bytes added up."""
+    launches = forward_launches(shape, gpu)
+    if len(launches) == 1:
+        return launches[0]
+    global_bytes = {}
+    for launch in launches:
+        global_bytes.update({f"{launch.kernel}: {key}": value for key, value in launch.global_bytes.items()})
+    return Traffic(" + ".join(launch.kernel for launch in launches), launches[-1].config, global_bytes,
+                   sum(launch.dram for launch in launches), launches[-1].minimum)
 
 
 def backward_traffic(shape: Shape, gpu: Gpu = H100, *, layers_need_grad: bool = False,
                      grad_attention: bool = False) -> Traffic:
     """The CUDA backward (+ the dw reduce) as a training step runs it: frozen features work from
     the stack gathered in the forward where attentive_pool gathers first, else on the layers."""
-    on_stack = not layers_need_grad and gathers_first(shape, gpu, training=True)
+    on_stack = not layers_need_grad and gathers_first(shape, training=True)
     return backward_launch(shape, gpu, on_stack=on_stack, layers_need_grad=layers_need_grad,
                            grad_attention=grad_attention)
 

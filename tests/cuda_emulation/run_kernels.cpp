@@ -14,7 +14,9 @@
 //   BACKWARD_TILE DW_IN_SHARED BACKWARD_HEAD_TILE").
 // INPUT (float64): storage, score_weight (H, D), grad_pooled (B, H, D), grad_attention (B, H, N).
 // OUTPUT (float64): pooled, attention, mean, rstd, the layers' gradients (if wanted), dw, then
-//   token_moments' mean and var (D each; backward_blocks blocks, tiles of the forward's size).
+//   token_moments' mean and var (D each; backward_blocks blocks, tiles of the forward's size),
+//   then the gather pass's (B, N, D) stack. The forward runs over that stack when its heads are
+//   tiled on a gathered spec, as fused_pool_cuda.cu does.
 #define FASTFUSE_CUDA_EMULATION
 #include <cstdint>
 // Token bytes the kernels load (csrc/cuda/pool_tiles.cuh), printed per launch for the traffic
@@ -123,14 +125,57 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   std::vector<acc_t> pooled(int64_t(batch) * heads * dim, nan), attention(int64_t(batch) * heads * num_tokens, nan);
   std::vector<acc_t> mean(int64_t(batch) * num_tokens, nan), rstd(int64_t(batch) * num_tokens, nan);
 
-  // Forward.
-  const int head_tiles = ceil_div(heads, head_tile);
-  const size_t shared_forward = forward_bytes(input, tile_tokens, head_tile);
-  emu::launch(Dim3{unsigned(batch * head_tiles)}, Dim3{unsigned(kThreads)}, shared_forward, [&] {
-    fused_pool_forward_kernel<scalar_t, acc_t>(args, weight.data(), heads, head_tile,
-                                               tile_tokens, static_cast<acc_t>(config.eps), config.layernorm != 0,
-                                               pooled.data(), attention.data(), mean.data(), rstd.data());
+  // The gather pass: every sample's gathered tokens into a (B, N, D) stack in acc_t.
+  const int gather_tile_tokens = config.plan_optin > 0
+      ? plan_moments(input, shared_memory_limits(config.plan_optin, config.plan_per_sm))
+      : tile_tokens;
+  if (gather_tile_tokens == 0) emu::fail("no gather tile fits these limits");
+  std::vector<acc_t> stack(int64_t(batch) * num_tokens * dim, nan);
+  emu::launch(Dim3{unsigned(batch)}, Dim3{unsigned(kThreads)}, moments_bytes(input, gather_tile_tokens), [&] {
+    gather_tokens_kernel<scalar_t, acc_t>(args, gather_tile_tokens, stack.data());
   });
+  std::printf("token_bytes gather %lld\n", static_cast<long long>(token_bytes_loaded));
+  token_bytes_loaded = 0;
+
+  // Forward, as fused_pool_cuda.cu runs it: with heads tiled over blocks on a gathered spec,
+  // over the stack ("all" tokens in acc_t, its own plan), else straight on the layers.
+  const int head_tiles = ceil_div(heads, head_tile);
+  if (head_tiles > 1 && config.spec != kSpecAll) {
+    GatherArgs stack_args{};
+    stack_args.num_layers = 1;
+    stack_args.spec = kSpecAll;
+    stack_args.num_tokens = num_tokens;
+    stack_args.dim = dim;
+    const PlanInput stack_input{static_cast<int>(sizeof(acc_t)), dim, heads, num_tokens, false, false};
+    stack_args.padded_dim = padded_dim_of(stack_input);
+    LayerArgs& view = stack_args.layers[0];
+    view.data = stack.data();
+    view.stride_batch = int64_t(num_tokens) * dim, view.stride_row = dim, view.stride_dim = 1;
+    view.length = num_tokens;
+    if (can_load_vectors(sizeof(acc_t), dim, view.stride_batch, view.stride_row, 1,
+                         reinterpret_cast<uintptr_t>(view.data))) {
+      stack_args.vector_loads = 1;
+    }
+    int stack_tile = tile_tokens, stack_head_tile = head_tile;
+    if (config.plan_optin > 0) {
+      const ForwardPlan plan = plan_forward(stack_input, shared_memory_limits(config.plan_optin, config.plan_per_sm));
+      stack_tile = plan.tile_tokens, stack_head_tile = plan.head_tile;
+    }
+    std::printf("stack_plan %d %d\n", stack_tile, stack_head_tile);
+    emu::launch(Dim3{unsigned(batch * ceil_div(heads, stack_head_tile))}, Dim3{unsigned(kThreads)},
+                forward_bytes(stack_input, stack_tile, stack_head_tile), [&] {
+      fused_pool_forward_kernel<acc_t, acc_t>(stack_args, weight.data(), heads, stack_head_tile, stack_tile,
+                                              static_cast<acc_t>(config.eps), config.layernorm != 0,
+                                              pooled.data(), attention.data(), mean.data(), rstd.data());
+    });
+  } else {
+    emu::launch(Dim3{unsigned(batch * head_tiles)}, Dim3{unsigned(kThreads)},
+                forward_bytes(input, tile_tokens, head_tile), [&] {
+      fused_pool_forward_kernel<scalar_t, acc_t>(args, weight.data(), heads, head_tile,
+                                                 tile_tokens, static_cast<acc_t>(config.eps), config.layernorm != 0,
+                                                 pooled.data(), attention.data(), mean.data(), rstd.data());
+    });
+  }
   std::printf("token_bytes forward %lld\n", static_cast<long long>(token_bytes_loaded));
   token_bytes_loaded = 0;
 
@@ -196,6 +241,7 @@ int run(const Config& config, std::ifstream& in, std::ofstream& out) {
   write_doubles(out, grad_weight);
   write_doubles(out, moments_mean);
   write_doubles(out, moments_var);
+  write_doubles(out, stack);
   return out ? 0 : 1;
 }
 
