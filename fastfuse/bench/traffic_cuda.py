@@ -122,18 +122,30 @@ def _forward_minimum(shape: Shape) -> float:
     return B * (_rows_read(shape) * D * e + H * D * a + H * N * a + 2 * N * a) + H * D * a
 
 
+def _launch_inputs(shape: Shape, gpu: Gpu, on_stack: bool, layers_need_grad: bool):
+    """What a kernel reads per sample and how it is planned: (N, token element size, rows read,
+    the planner's answer) on the layers, or on the gathered (B, N, D) stack in the compute
+    dtype ("all" tokens)."""
+    N = _num_tokens(shape)
+    e = _accumulator(shape) if on_stack else shape.itemsize
+    plan = _plan(shape, gpu, dim_tokens=N, itemsize=e, tokens="all" if on_stack else shape.tokens,
+                 layers_need_grad=layers_need_grad)
+    return N, e, N if on_stack else _rows_read(shape), plan
+
+
+def _head_tiles(heads: int, head_tile: int) -> list[int]:
+    """Heads of each block of heads (the last one ragged)."""
+    return [min(head_tile, heads - start) for start in range(0, heads, head_tile)]
+
+
 def forward_launch(shape: Shape, gpu: Gpu = H100, *, on_stack: bool = False) -> Traffic:
     """The CUDA forward kernel: on the layers, or (``on_stack``) on the gathered (B, N, D) stack
     in the compute dtype."""
     B, D, H, a = shape.batch, shape.dim, shape.heads, _accumulator(shape)
-    N = _num_tokens(shape)
-    e = a if on_stack else shape.itemsize
-    rows = N if on_stack else _rows_read(shape)
-    plan = _plan(shape, gpu, dim_tokens=N, itemsize=e, tokens="all" if on_stack else shape.tokens,
-                 layers_need_grad=False)
+    N, e, rows, plan = _launch_inputs(shape, gpu, on_stack, layers_need_grad=False)
     tile, head_tile = plan["forward_tile_tokens"], plan["forward_head_tile"]
-    head_tiles = math.ceil(H / head_tile)
-    block_heads = [min(head_tile, H - t * head_tile) for t in range(head_tiles)]
+    block_heads = _head_tiles(H, head_tile)
+    head_tiles = len(block_heads)
     # tile_dots: each micro-tile of 4 tokens reads 4 weight rows per quad; rows past the end
     # repeat the last one (loaded all the same).
     weight = sum(math.ceil(count / FORWARD_DOT_TOKENS) * _padded(heads, HEAD_QUANTUM) * D * a
@@ -186,17 +198,13 @@ def backward_launch(shape: Shape, gpu: Gpu = H100, *, on_stack: bool = False, la
                     grad_attention: bool = False) -> Traffic:
     """The CUDA backward kernel (+ the dw reduce) on the layers, or on the gathered stack."""
     B, D, H, a = shape.batch, shape.dim, shape.heads, _accumulator(shape)
-    N = _num_tokens(shape)
-    e = a if on_stack else shape.itemsize
-    rows = N if on_stack else _rows_read(shape)
-    plan = _plan(shape, gpu, dim_tokens=N, itemsize=e, tokens="all" if on_stack else shape.tokens,
-                 layers_need_grad=layers_need_grad)
+    N, e, rows, plan = _launch_inputs(shape, gpu, on_stack, layers_need_grad)
     tile, in_shared, head_tile = plan["backward_tile_tokens"], plan["backward_weight_grad_in_shared"], \
         plan["backward_head_tile"]
     padded_dim = plan["padded_dim"]
-    head_tiles = math.ceil(H / head_tile)
+    block_heads = _head_tiles(H, head_tile)
+    head_tiles = len(block_heads)
     padded_heads = _padded(head_tile, HEAD_QUANTUM)
-    block_heads = [min(head_tile, H - t * head_tile) for t in range(head_tiles)]
     ranges, blocks = _backward_grid(B, _resident_blocks(gpu, plan["backward_bytes"], a), head_tiles)
     counts = _tiles(N, tile)
     one_tile = len(counts) == 1
