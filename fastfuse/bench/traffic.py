@@ -33,8 +33,8 @@ class Gpu:
     l2_bytes: int
     # Shared memory (CUDA C++ Programming Guide, compute capabilities 9.0 / 8.0): the opt-in
     # maximum of one block and the total of one SM; the CUDA planner's inputs.
-    shared_per_block_optin: int = 227 * 1024
-    shared_per_multiprocessor: int = 228 * 1024
+    shared_per_block_optin: int
+    shared_per_multiprocessor: int
 
 
 H100 = Gpu("H100 / H200 (132 SMs, 50 MiB L2)", 132, 50 * 2**20, 227 * 1024, 228 * 1024)

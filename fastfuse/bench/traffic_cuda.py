@@ -33,7 +33,6 @@ import math
 from .traffic import Gpu, H100, Shape, Traffic, _rows_read
 
 # csrc/common/launch_plan.h
-THREADS = 256
 HEAD_QUANTUM = 4
 # pool_kernels.cuh: tokens per micro-tile of tile_dots in the forward and in the backward;
 # tokens per micro-tile of tile_combine.
@@ -65,15 +64,17 @@ def _accumulator(shape: Shape) -> int:
     return 8 if shape.itemsize == 8 else 4
 
 
-def _one_pass_gather(shape: Shape) -> bool:
-    """gather.reads_rows_once on a CUDA device: float16 / bfloat16 / float32 layers."""
-    return shape.itemsize != 8
-
-
 def gathers_first(shape: Shape, training: bool) -> bool:
     """ops._gather_first for frozen layers (none needs its gradient): a training step on a
-    gathered spec whose patch averages PyTorch reads in one pass gathers the stack first."""
-    return training and shape.tokens != "all" and _one_pass_gather(shape)
+    gathered spec whose patch averages PyTorch reads in one pass on a CUDA device
+    (gather.reads_rows_once) gathers the stack first."""
+    import torch
+
+    from ..gather import reads_rows_once
+
+    accumulator = torch.float64 if shape.itemsize == 8 else torch.float32
+    return (training and shape.tokens != "all"
+            and reads_rows_once(_dtype(shape.itemsize), accumulator, torch.device("cuda")))
 
 
 def forward_head_tiles(shape: Shape, gpu: Gpu = H100) -> int:
