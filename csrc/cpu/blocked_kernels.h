@@ -5,7 +5,12 @@
 // no tail loops; row counts are multiples of kRowBlock (callers pad with zero rows).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/variant.h"
 
@@ -36,13 +41,29 @@ inline int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
-// Halving horizontal sum of a lane array: upper half onto lower half until one lane is left.
-// Spelled this way the compiler keeps the lanes in registers (a lane-by-lane sum spills them).
+// Halving horizontal reductions of a lane array: the upper half onto the lower half until one
+// lane is left. Each step is a loop of constant length, so the compiler does it in vector
+// registers (a runtime-length loop ran as a chain of dependent scalar ops through memory).
+template <int64_t kWidth, typename T, typename Combine>
+inline void halve_lanes(T* values, Combine combine) {
+  if constexpr (kWidth >= 1) {
+#pragma omp simd
+    for (int64_t v = 0; v < kWidth; ++v) values[v] = combine(values[v], values[v + kWidth]);
+    halve_lanes<kWidth / 2, T>(values, combine);
+  }
+}
+
 template <typename T, int64_t kCount>
 inline T sum_lanes(T (&values)[kCount]) {
-  for (int64_t width = kCount / 2; width >= 1; width /= 2) {
-    for (int64_t v = 0; v < width; ++v) values[v] += values[v + width];
-  }
+  static_assert((kCount & (kCount - 1)) == 0, "a power of two lanes");
+  halve_lanes<kCount / 2, T>(values, [](T a, T b) { return a + b; });
+  return values[0];
+}
+
+template <typename T, int64_t kCount>
+inline T max_lanes(T (&values)[kCount]) {
+  static_assert((kCount & (kCount - 1)) == 0, "a power of two lanes");
+  halve_lanes<kCount / 2, T>(values, [](T a, T b) { return a > b ? a : b; });
   return values[0];
 }
 
@@ -75,8 +96,7 @@ inline T reduce_max_abs(int64_t dim, const T* __restrict row) {
       partial[v] = partial[v] > magnitude ? partial[v] : magnitude;
     }
   }
-  T peak = 0;
-  for (int64_t v = 0; v < kWidth; ++v) peak = peak > partial[v] ? peak : partial[v];
+  T peak = max_lanes(partial);
   for (; d < dim; ++d) {
     const T magnitude = row[d] < T(0) ? -row[d] : row[d];
     peak = peak > magnitude ? peak : magnitude;
@@ -173,6 +193,52 @@ void accumulate_rows(T* __restrict c, int64_t rows, const T* __restrict a, int64
                                   row_scale, overwrite);
     }
   }
+}
+
+// Non-temporal (streaming) stores of one vector, for output rows written once and read by a
+// later op: they skip reading in the lines about to be overwritten, and do not evict the
+// tiles the kernel is working on. Callers issue store_fence() before their thread's work ends.
+#if defined(__AVX512F__)
+inline void stream_vector(float* out, const float* in, float scale) {
+  _mm512_stream_ps(out, _mm512_mul_ps(_mm512_loadu_ps(in), _mm512_set1_ps(scale)));
+}
+inline void stream_vector(double* out, const double* in, double scale) {
+  _mm512_stream_pd(out, _mm512_mul_pd(_mm512_loadu_pd(in), _mm512_set1_pd(scale)));
+}
+#elif defined(__AVX__)
+inline void stream_vector(float* out, const float* in, float scale) {
+  _mm256_stream_ps(out, _mm256_mul_ps(_mm256_loadu_ps(in), _mm256_set1_ps(scale)));
+}
+inline void stream_vector(double* out, const double* in, double scale) {
+  _mm256_stream_pd(out, _mm256_mul_pd(_mm256_loadu_pd(in), _mm256_set1_pd(scale)));
+}
+#endif
+
+// out[d] = in[d] * scale for d < dim (the same rounding as the plain loop), streamed where
+// the target has vector stores: plain stores up to the first vector-aligned element, then
+// streaming stores, then a plain tail.
+template <typename T>
+inline void scale_row_streaming(T* __restrict out, const T* __restrict in, T scale, int64_t dim) {
+  int64_t d = 0;
+#if defined(__AVX__)
+  constexpr int64_t kLanes = lanes<T>();
+  const uintptr_t address = reinterpret_cast<uintptr_t>(out);
+  if (address % sizeof(T) == 0) {
+    const int64_t misaligned = static_cast<int64_t>(address % kVectorBytes) / static_cast<int64_t>(sizeof(T));
+    const int64_t head = std::min<int64_t>(dim, misaligned == 0 ? 0 : kLanes - misaligned);
+    for (; d < head; ++d) out[d] = in[d] * scale;
+    for (; d + kLanes <= dim; d += kLanes) stream_vector(out + d, in + d, scale);
+  }
+#endif
+  for (; d < dim; ++d) out[d] = in[d] * scale;
+}
+
+// Orders this thread's streaming stores before what follows (another thread, or the caller
+// after the parallel region, reads them).
+inline void store_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace FASTFUSE_CPU_VARIANT

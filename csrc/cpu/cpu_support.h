@@ -140,8 +140,7 @@ inline RowScan<acc_t> load_row_scanned(const in_t* __restrict row, int64_t strid
       }
     }
   }
-  acc_t tail = 0, peak = 0;
-  for (int64_t v = 0; v < kWidth; ++v) peak = peak > partial_peak[v] ? peak : partial_peak[v];
+  acc_t tail = 0, peak = max_lanes(partial_peak);
   for (; d < dim; ++d) {
     const acc_t value = acc_t(row[d * stride_dim]);
     out[d] = value;

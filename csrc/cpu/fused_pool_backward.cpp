@@ -43,6 +43,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
   const int64_t padded_dim = round_up(dim, lanes<acc_t>());
   const int64_t padded_heads = round_up(heads, kRowBlock);
   const bool all_tokens = problem.spec == TokenSpec::kAll;
+  const bool one_tile = num_tokens <= kTileTokens;
 
   // Frozen features (the usual probe) need only dw: no dx, no gradient tensors at all.
   auto [grad_layers, grad_weight] = allocate_backward_outputs(problem, layers, score_weight, layers_need_grad);
@@ -105,12 +106,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
       const acc_t* attention_b = attention_data + b * heads * num_tokens;
       const acc_t* grad_attention_b =
           grad_attention_data ? grad_attention_data + b * heads * num_tokens : nullptr;
-      // g_b into the top rows of `stacked`; c_h = g_h . z_h + sum_n a_hn gA_hn.
+      // g_b into the top rows of `stacked`; c_h = g_h . z_h + sum_n a_hn gA_hn. When one tile
+      // holds every token, g_h . z_h = sum_n a_hn (g_h . xh_n) comes from the tile's own
+      // products below instead, and pooled (as large as g) is never read.
       for (int64_t h = 0; h < heads; ++h) {
         const acc_t* grad_row = grad_pooled_data + (b * heads + h) * dim;
         const acc_t* pooled_row = pooled_data + (b * heads + h) * dim;
         std::copy(grad_row, grad_row + dim, stacked + h * padded_dim);
-        acc_t c = reduce_sum<acc_t>(dim, [&](int64_t d) { return grad_row[d] * pooled_row[d]; });
+        acc_t c = one_tile ? acc_t(0)
+                           : reduce_sum<acc_t>(dim, [&](int64_t d) { return grad_row[d] * pooled_row[d]; });
         if (grad_attention_b) {
           for (int64_t n = 0; n < num_tokens; ++n) {
             c += attention_b[h * num_tokens + n] * grad_attention_b[h * num_tokens + n];
@@ -145,6 +149,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_typed(
         acc_t* attention_coefficients = coefficients;
         acc_t* score_grads = coefficients + padded_heads * kTileTokens;
         for (int64_t h = 0; h < heads; ++h) {
+          if (one_tile) {
+            for (int64_t j = 0; j < count; ++j) {
+              baseline[h] += attention_b[h * num_tokens + j] * dots[h * kTileTokens + j];
+            }
+          }
           for (int64_t j = 0; j < padded_count; ++j) {
             acc_t a = 0, ds = 0;
             if (j < count) {

@@ -147,9 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       }
       const acc_t* accumulator_row = accumulator + h * padded_dim;
       acc_t* pooled_row = pooled_out + (b * heads + h) * dim;
-#pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) pooled_row[d] = accumulator_row[d] * inverse_sum;
+      // pooled is written once here and read by the next op: streamed (blocked_kernels.h).
+      scale_row_streaming(pooled_row, accumulator_row, inverse_sum, dim);
     }
+    store_fence();
   }
   return {pooled, attention, mean, rstd};
 }
