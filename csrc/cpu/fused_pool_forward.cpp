@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     acc_t* running_max = s.running_max.get();
     acc_t* running_sum = s.running_sum.get();
     acc_t* rescale = s.rescale.get();
-    std::fill(accumulator, accumulator + padded_heads * padded_dim, acc_t(0));
+    // The first tile overwrites the accumulator; with no token at all it stays zero.
+    if (num_tokens == 0) std::fill(accumulator, accumulator + padded_heads * padded_dim, acc_t(0));
     for (int64_t h = 0; h < padded_heads; ++h) {
       running_max[h] = fm::softmax_initial_max<acc_t>();
       running_sum[h] = 0;
@@ -134,9 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
         running_sum[h] = head_sum;
         for (int64_t j = count; j < padded_count; ++j) score_row[j] = 0;
       }
-      // acc_h = rescale_h * acc_h + sum_n p_hn xh_n
+      // acc_h = rescale_h * acc_h + sum_n p_hn xh_n (the first tile: acc_h = sum_n p_hn xh_n)
       accumulate_rows(accumulator, padded_heads, scores, kTileTokens, 1, tile, padded_count,
-                      padded_dim, rescale, /*overwrite=*/false, between_blocks);
+                      padded_dim, rescale, /*overwrite=*/n0 == 0, between_blocks);
     }
 
     for (int64_t h = 0; h < heads; ++h) {
