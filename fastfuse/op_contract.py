@@ -15,7 +15,9 @@ tokens, num_prefix_tokens, layers_need_grad)
     score_weight ((H, D), its dtype). grad_attention may be None. With layers_need_grad false
     (frozen features) the list is empty and no token gradient is computed.
 normalize ("layernorm" or "none", SPEC §5) changes no shape or dtype. token_moments(layers,
-tokens, num_prefix_tokens) returns mean (D,) and var (D,) in the compute dtype.
+tokens, num_prefix_tokens) returns mean (D,) and var (D,) in the compute dtype;
+gather_tokens(layers, tokens, num_prefix_tokens) the gathered (B, N, D) stack, contiguous, in
+the compute dtype (fastfuse.gather.gather_tokens's values).
 """
 from __future__ import annotations
 
@@ -51,6 +53,13 @@ def fake_backward(grad_pooled, grad_attention, layers, score_weight, pooled, att
     grad_layers = [torch.empty_like(layer, memory_format=torch.contiguous_format)
                    for layer in layers] if layers_need_grad else []
     return grad_layers, torch.empty_like(score_weight)
+
+
+def fake_gather(layers, tokens, num_prefix_tokens):
+    """gather_tokens: the (B, N, D) stack of the gathered tokens, in the compute dtype."""
+    batch, dim = layers[0].shape[0], layers[0].shape[2]
+    num_tokens = num_gathered_tokens([layer.shape[1] for layer in layers], tokens)
+    return layers[0].new_empty((batch, num_tokens, dim), dtype=compute_dtype(layers[0].dtype))
 
 
 def fake_moments(layers, tokens, num_prefix_tokens):

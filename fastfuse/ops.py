@@ -134,12 +134,13 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
         else float32. Differentiable w.r.t. ``x`` (each layer) and ``score_weight``.
 
     Frozen features (a gathered spec, no layer requiring grad, ``score_weight`` requiring
-    grad, grad mode on): the tokens are gathered first in plain PyTorch ops, in the compute
-    dtype, and the op runs on that (B, N, D) stack with tokens="all", so training reads the
-    layers once instead of once in the forward and again in the backward. The stack is kept
-    for the backward (small next to the layers: N rows per sample instead of sum T_l). Where
-    that gather would itself read the layers more than once (see gather.reads_rows_once:
-    half layers on CPU, float64 layers on an eager GPU), and in inference or
+    grad, grad mode on): the tokens are gathered first, in the compute dtype (by the cpu
+    backend's gather kernel, else in plain PyTorch ops), and the op runs on that (B, N, D)
+    stack with tokens="all", so training reads the layers once instead of once in the forward
+    and again in the backward. The stack is kept for the backward (small next to the layers:
+    N rows per sample instead of sum T_l). Where a PyTorch gather would itself read the layers
+    more than once (see gather.reads_rows_once: half layers on CPU with the torch backend,
+    float64 layers on an eager GPU), and in inference or
     when a layer needs its gradient, the op gathers inside its kernels as before (the cuda
     forward, when it splits the heads over blocks, gathers once into a stack of its own first).
     """
@@ -151,10 +152,14 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     name = requested_name(backend)
     if not torch.compiler.is_compiling():
         name = _resolve_backend(name, layers, score_weight, normalize=normalize)
-    if _gather_first(layers, tokens, score_weight, acc):
+    # The backend's own gather (the cpu backend's kernel), else plain PyTorch ops; traced
+    # graphs always take the latter, which the compiler fuses into one pass.
+    own_gather = None if torch.compiler.is_compiling() else _get_backend(name).gather
+    if _gather_first(layers, tokens, score_weight, acc, own_gather is not None):
         # Gather once here, so the fused op (and its backward) touch only the small (B, N, D)
         # stack (kept for the backward), never the layers again.
-        layers = (gather_tokens(layers, tokens, num_prefix_tokens, acc),)
+        layers = ((own_gather(layers, tokens, num_prefix_tokens) if own_gather is not None
+                   else gather_tokens(layers, tokens, num_prefix_tokens, acc)),)
         tokens, num_prefix_tokens = "all", 0
     pooled, attention, _mean, _rstd = _attentive_pool_op(
         list(layers), score_weight.to(acc).contiguous(), tokens, num_prefix_tokens, eps, name,
@@ -162,16 +167,19 @@ def attentive_pool(x, score_weight: Tensor, *, tokens: Optional[str] = None,
     return pooled, attention
 
 
-def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype) -> bool:
-    """Whether to gather the tokens in plain PyTorch before the op: frozen features in training
-    (a gathered spec, no layer needing a gradient, a gradient to come: else the fused gather
-    reads the layers once anyway), where the gather itself reads the layers once
-    (gather.reads_rows_once; always under torch.compile, where the gather fuses into one pass)."""
+def _gather_first(layers, tokens: str, score_weight: Tensor, acc: torch.dtype,
+                  own_gather: bool = False) -> bool:
+    """Whether to gather the tokens before the op: frozen features in training (a gathered
+    spec, no layer needing a gradient, a gradient to come: else the fused gather reads the
+    layers once anyway), where the gather itself reads the layers once: the backend's own
+    gather kernel (``own_gather``), or plain PyTorch ops where gather.reads_rows_once says so
+    (always under torch.compile, where the gather fuses into one pass)."""
     if tokens == "all" or any(layer.requires_grad for layer in layers):
         return False
     if not (torch.is_grad_enabled() and score_weight.requires_grad):
         return False
-    return torch.compiler.is_compiling() or reads_rows_once(layers[0].dtype, acc, layers[0].device)
+    return (torch.compiler.is_compiling() or own_gather
+            or reads_rows_once(layers[0].dtype, acc, layers[0].device))
 
 
 def check_normalize(normalize) -> str:

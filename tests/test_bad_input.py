@@ -141,6 +141,11 @@ _KERNEL_ABUSE_SCRIPT = textwrap.dedent("""
         "moments bad token spec": lambda: ops.fused_token_moments([x], "mean", 0),
         "moments integer layers": lambda: ops.fused_token_moments([torch.ones(2, 5, 6, dtype=torch.int32)], "all", 0),
         "moments num_prefix_tokens == T": lambda: ops.fused_token_moments([x], "ap", 5),
+        "gather no layers": lambda: ops.fused_gather_tokens([], "cls+ap", 1),
+        "gather bad token spec": lambda: ops.fused_gather_tokens([x], "mean", 1),
+        "gather integer layers": lambda: ops.fused_gather_tokens([torch.ones(2, 5, 6, dtype=torch.int32)], "cls", 1),
+        "gather num_prefix_tokens == T": lambda: ops.fused_gather_tokens([x], "ap", 5),
+        "gather layers on different D": lambda: ops.fused_gather_tokens([x, torch.randn(2, 5, 7)], "cls", 1),
     }
     failures = {}
     for name, call in cases.items():

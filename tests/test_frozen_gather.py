@@ -1,8 +1,10 @@
 """Frozen features in training (no layer requires grad, score_weight does): attentive_pool
-gathers the tokens once in plain PyTorch and runs the op on that (B, N, D) stack, so the
-backend's backward never re-reads the layers. Outputs and dw against the float64 oracle
-(tests/reference.py); which path ran, through a spy on the backend's forward and backward."""
+gathers the tokens once (the cpu backend's gather kernel, else plain PyTorch) and runs the op
+on that (B, N, D) stack, so the backend's backward never re-reads the layers. Outputs and dw
+against the float64 oracle (tests/reference.py); which path ran, through a spy on the
+backend's forward and backward. The gather kernel itself against the oracle's stack."""
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import fastfuse
 import fastfuse.ops
 from fastfuse.backends import get
 
-from reference import TOLERANCE, make_layer, pool, pool_with_grads, rel_err
+from reference import TOLERANCE, make_layer, pool, pool_with_grads, rel_err, stack_tokens
 
 
 def _frozen_layers(dtype, device, num_prefix_tokens):
@@ -42,9 +44,12 @@ def _spy_calls(monkeypatch):
     return calls
 
 
-def gathers_first(dtype, device):
-    """Where an eager gather reads each layer in one pass (README, "The fused op"): float32 /
-    float64 layers on CPU, float16 / bfloat16 / float32 layers on CUDA."""
+def gathers_first(dtype, device, backend):
+    """Where an eager gather reads each layer in one pass (README, "The fused op"): every dtype
+    with the cpu backend (its own gather kernel); float32 / float64 layers in PyTorch on CPU;
+    float16 / bfloat16 / float32 layers on CUDA."""
+    if backend == "cpu":
+        return True
     if device == "cpu":
         return dtype in (torch.float32, torch.float64)
     return dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -77,7 +82,7 @@ def test_frozen_layers_match_oracle_and_are_read_once(backend_device, tokens, nu
     assert rel_err(pooled, want_pooled) < tolerance
     assert rel_err(attention, want_attention) < tolerance
     assert rel_err(weight.grad, want_dw) < tolerance
-    if gathers_first(dtype, device):
+    if gathers_first(dtype, device, backend):
         # One gathered (B, N, D) stack in both directions: the layers never reach the backend.
         gathered = [(2, want_attention.shape[-1], 8)]
         assert calls == [("forward", "all", gathered), ("backward", "all", gathered)]
@@ -145,7 +150,7 @@ def test_huge_tokens_patch_average_stays_finite(backend_device, monkeypatch):
     pooled, attention = fastfuse.attentive_pool([layer.to(device) for layer in huge], moved_weight,
                                                 tokens="ap", num_prefix_tokens=1, backend=backend)
     (pooled * GRAD_POOLED.to(device)).sum().backward()
-    expected = "all" if gathers_first(torch.float32, device) else "ap"
+    expected = "all" if gathers_first(torch.float32, device, backend) else "ap"
     assert [call[1] for call in calls] == [expected, expected]
     _check_huge(pooled, attention, moved_weight.grad, huge, weight)
 
@@ -182,3 +187,49 @@ def test_wide_mean_of_huge_rows_is_finite_and_exact(dtype):
     expected = rows.double().mean(dim=1)
     assert average.dtype == torch.float32 and torch.isfinite(average).all()
     assert rel_err(average, expected) < 1e-6
+
+
+def _cpu_kernels():
+    if not fastfuse.backends()["cpu"]["available"]:
+        pytest.skip("cpu backend unavailable: " + fastfuse.backends()["cpu"]["reason"])
+    importlib.import_module("fastfuse.backends.compiled_ops")  # declares the compiled ops
+    return torch.ops.fastfuse
+
+
+@pytest.mark.parametrize("tokens,num_prefix_tokens",
+                         [("all", 0)] + [(spec, p) for spec in ("cls", "ap", "cls+ap") for p in (0, 1, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_gather_kernel_matches_oracle_stack(tokens, num_prefix_tokens, dtype):
+    """fused_gather_tokens (csrc/cpu/gather_tokens.cpp): the oracle's stack of the same layers
+    (contiguous, padded and sliced), in the compute dtype; the layers are left untouched."""
+    ops = _cpu_kernels()
+    layers = _frozen_layers(dtype, "cpu", num_prefix_tokens)
+    before = [layer.clone() for layer in layers]
+    stack = ops.fused_gather_tokens(layers, tokens, num_prefix_tokens)
+    want = stack_tokens([layer.double() for layer in layers], tokens, num_prefix_tokens)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stack.dtype == acc and stack.is_contiguous() and stack.shape == want.shape
+    # Half rows are exact in float32; only the averages' rounding differs from the oracle.
+    assert rel_err(stack, want) < (1e-14 if dtype == torch.float64 else 1e-6)
+    assert all(torch.equal(layer, old) for layer, old in zip(layers, before))
+
+
+def test_cpu_gather_kernel_huge_patches_and_empty_batch():
+    """Rows whose float32 sum overflows average to a finite value (issue 12 item 7), and an
+    empty batch gives an empty stack."""
+    ops = _cpu_kernels()
+    huge = _huge_layers()
+    stack = ops.fused_gather_tokens(huge, "cls+ap", 1)
+    want = stack_tokens([layer.double() for layer in huge], "cls+ap", 1)
+    assert torch.isfinite(stack).all() and rel_err(stack, want) < 1e-6
+    empty = ops.fused_gather_tokens([torch.randn(0, 5, 8)], "cls+ap", 1)
+    assert empty.shape == (0, 2, 8)
+
+
+def test_cpu_gather_kernel_opcheck():
+    """Schema and fake kernel (fastfuse/op_contract.py: fake_gather) agree with the kernel."""
+    ops = _cpu_kernels()
+    generator = torch.Generator().manual_seed(3)
+    layers = [torch.randn(2, t, 8, dtype=torch.float64, generator=generator) for t in (5, 4)]
+    torch.library.opcheck(ops.fused_gather_tokens.default, (layers, "cls+ap", 1),
+                          test_utils=("test_schema", "test_faketensor"))

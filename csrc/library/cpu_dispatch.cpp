@@ -1,5 +1,5 @@
 // Registers the CPU kernels of fastfuse::fused_pool_forward / fused_pool_backward /
-// fused_token_moments and picks, once
+// fused_token_moments / fused_gather_tokens and picks, once
 // per process, which instruction-set variant of them runs (as ATen does for its own kernels): the
 // best one that was built and that this CPU supports, or the one FASTFUSE_CPU_ISA names.
 // Compiled without -march flags: this file runs before anything is known about the CPU.
@@ -18,6 +18,7 @@
   c10::KernelFunction forward_kernel();       \
   c10::KernelFunction backward_kernel();      \
   c10::KernelFunction moments_kernel();       \
+  c10::KernelFunction gather_kernel();        \
   }
 FASTFUSE_FOR_EACH_CPU_VARIANT(FASTFUSE_DECLARE_VARIANT)
 #undef FASTFUSE_DECLARE_VARIANT
@@ -49,7 +50,7 @@ bool cpu_supports(const std::string& variant) {
 
 struct Variant {
   std::string name;
-  c10::KernelFunction forward, backward, moments;
+  c10::KernelFunction forward, backward, moments, gather;
 };
 
 // Built variants, from the most portable to the fastest.
@@ -57,7 +58,7 @@ const std::vector<Variant>& built_variants() {
   static const std::vector<Variant> variants = {
 #define FASTFUSE_VARIANT_ENTRY(name) \
   {#name, fastfuse::cpu::name::forward_kernel(), fastfuse::cpu::name::backward_kernel(), \
-   fastfuse::cpu::name::moments_kernel()},
+   fastfuse::cpu::name::moments_kernel(), fastfuse::cpu::name::gather_kernel()},
       FASTFUSE_FOR_EACH_CPU_VARIANT(FASTFUSE_VARIANT_ENTRY)
 #undef FASTFUSE_VARIANT_ENTRY
   };
@@ -105,6 +106,9 @@ void backward_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys, tor
 void moments_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   selected_variant().moments.callBoxed(op, keys, stack);
 }
+void gather_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  selected_variant().gather.callBoxed(op, keys, stack);
+}
 
 std::string cpu_kernel_variant() { return selected_variant().name; }
 
@@ -114,6 +118,7 @@ TORCH_LIBRARY_IMPL(fastfuse, CPU, m) {
   m.impl("fused_pool_forward", torch::CppFunction::makeFromBoxedFunction<&forward_boxed>());
   m.impl("fused_pool_backward", torch::CppFunction::makeFromBoxedFunction<&backward_boxed>());
   m.impl("fused_token_moments", torch::CppFunction::makeFromBoxedFunction<&moments_boxed>());
+  m.impl("fused_gather_tokens", torch::CppFunction::makeFromBoxedFunction<&gather_boxed>());
 }
 
 // A query, not a tensor op: declared here because it describes this library and exists exactly

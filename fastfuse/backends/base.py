@@ -28,6 +28,9 @@ class Backend:
     # token_moments reduction (layers, tokens, num_prefix_tokens) -> (mean, var), if any.
     normalizations: tuple[str, ...] = NORMALIZATIONS
     moments: Optional[Callable] = None
+    # Its own gather (layers, tokens, num_prefix_tokens) -> the (B, N, D) stack in the compute
+    # dtype, reading each row once, for the gather-first path of frozen training (ops.py), if any.
+    gather: Optional[Callable] = None
 
     def not_supported_reasons(self, layers, score_weight, *, normalize: str = "layernorm",
                               op: str = "attentive_pool") -> list[str]:

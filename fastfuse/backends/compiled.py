@@ -20,3 +20,8 @@ def backward(grad_pooled, grad_attention, layers, score_weight, pooled, attentio
 
 def moments(layers, tokens, num_prefix_tokens):
     return torch.ops.fastfuse.fused_token_moments(list(layers), tokens, num_prefix_tokens)
+
+
+def gather(layers, tokens, num_prefix_tokens):
+    """The (B, N, D) stack of gathered tokens (a CPU kernel only: csrc/cpu/gather_tokens.cpp)."""
+    return torch.ops.fastfuse.fused_gather_tokens(list(layers), tokens, num_prefix_tokens)

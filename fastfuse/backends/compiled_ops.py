@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..op_contract import fake_backward, fake_forward, fake_moments
+from ..op_contract import fake_backward, fake_forward, fake_gather, fake_moments
 
 _lib = torch.library.Library("fastfuse", "DEF")
 _lib.define(
@@ -24,6 +24,8 @@ _lib.define(
     ") -> (Tensor[], Tensor)"
 )
 _lib.define("fused_token_moments(Tensor[] layers, str tokens, int num_prefix_tokens) -> (Tensor, Tensor)")
+_lib.define("fused_gather_tokens(Tensor[] layers, str tokens, int num_prefix_tokens) -> Tensor")
 torch.library.register_fake("fastfuse::fused_pool_forward", fake_forward)
 torch.library.register_fake("fastfuse::fused_pool_backward", fake_backward)
 torch.library.register_fake("fastfuse::fused_token_moments", fake_moments)
+torch.library.register_fake("fastfuse::fused_gather_tokens", fake_gather)

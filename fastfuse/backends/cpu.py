@@ -18,4 +18,4 @@ def _availability() -> tuple[bool, str]:
 BACKEND = Backend("cpu", ("cpu",), _availability, compiled.forward,
                   compiled.backward,
                   dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                  moments=compiled.moments)
+                  moments=compiled.moments, gather=compiled.gather)
