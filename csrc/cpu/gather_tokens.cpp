@@ -1,9 +1,9 @@
 // CPU kernel of fastfuse::fused_gather_tokens (schema: fastfuse/backends/compiled_ops.py): the
 // (B, N, D) stack of the gathered tokens (SPEC §2's gather: CLS rows, patch averages) in the
 // compute dtype, every needed layer row read once and averaged on the fly, exactly as the pool
-// kernels gather a tile (cpu_support.h: gather_token, with its overflow fallback). The cpu
-// backend's frozen-training path gathers with it before the fused op (fastfuse/ops.py), so the
-// op's backward reads the small stack instead of the layers again.
+// kernels gather a tile (cpu_support.h: gather_tile, with gather_token's overflow fallback).
+// The cpu backend's frozen-training path gathers with it before the fused op (fastfuse/ops.py),
+// so the op's backward reads the small stack instead of the layers again.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -36,13 +36,10 @@ at::Tensor gather_typed(const PoolProblem& problem, at::TensorList layers) {
   const int64_t rows = std::accumulate(problem.lengths.begin(), problem.lengths.end(), int64_t(0));
   const int workers = worker_count(batch, rows * dim);
 
+  // Each sample's tokens as one tile of N rows, D apart: its (N, D) slice of the stack.
 #pragma omp parallel for num_threads(workers) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t n = 0; n < num_tokens; ++n) {
-      const TokenSource& source = problem.sources[n];
-      gather_token(views[source.layer], source, b, dim, problem.num_prefix_tokens,
-                   out + (b * num_tokens + n) * dim);
-    }
+    gather_tile(views, problem, b, 0, num_tokens, out + b * num_tokens * dim, dim);
   }
   return stack;
 }
