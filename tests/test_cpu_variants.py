@@ -82,10 +82,11 @@ from fastfuse import _extension
 loaded, reason = _extension.load()
 assert loaded, reason
 payload = json.loads(sys.stdin.read())
-layers = [torch.tensor(layer, dtype=torch.float64).requires_grad_(True) for layer in payload["layers"]]
-weight = torch.tensor(payload["weight"], dtype=torch.float64).requires_grad_(True)
+dtype = getattr(torch, payload.get("dtype", "float64"))
+layers = [torch.tensor(layer, dtype=dtype).requires_grad_(True) for layer in payload["layers"]]
+weight = torch.tensor(payload["weight"], dtype=dtype).requires_grad_(True)
 pooled, attention, mean, rstd = torch.ops.fastfuse.fused_pool_forward(layers, weight, payload["tokens"], 1, 1e-5)
-grad_pooled = torch.tensor(payload["grad_pooled"], dtype=torch.float64)
+grad_pooled = torch.tensor(payload["grad_pooled"], dtype=dtype)
 grad_layers, grad_weight = torch.ops.fastfuse.fused_pool_backward(
     grad_pooled, None, layers, weight, pooled, attention, mean, rstd, payload["tokens"], 1, True)
 print(json.dumps({"variant": torch.ops.fastfuse.cpu_kernel_variant(), "pooled": pooled.tolist(),
@@ -130,6 +131,36 @@ def test_each_variant_matches_the_reference(variant, tokens):
     for mine, exact in zip(ours["grad_layers"], grad_layers):
         assert rel_err(torch.tensor(mine, dtype=torch.float64), exact) < 1e-11
     assert rel_err(torch.tensor(ours["grad_weight"], dtype=torch.float64), grad_weight) < 1e-11
+
+
+@pytest.mark.parametrize("variant", ["baseline", "avx2", "avx512", "native", "custom"])
+def test_each_variant_float32_softmax_over_a_wide_score_range(variant):
+    """Float32 tokens whose scores spread over hundreds: the forward's softmax weights run from 1
+    down through float subnormals to 0 (csrc/cpu/vector_exp.h: vector lanes and scalar tails,
+    41 tokens), against SPEC §1 in float64 from the same float32 inputs."""
+    if variant not in _built():
+        pytest.skip(f"{variant} not built (built: {', '.join(_built())})")
+    if not _cpu_runs(variant) and variant in LEVELS:
+        pytest.skip(f"this CPU cannot run {variant}")
+    generator = torch.Generator().manual_seed(6)
+    layers = [torch.randn(4, 41, 32, generator=generator)]
+    weight = torch.randn(3, 32, generator=generator) * torch.tensor([[3.0], [20.0], [60.0]])
+    grad_pooled = torch.randn(4, 3, 32, generator=generator)
+    payload = {"layers": [layer.tolist() for layer in layers], "weight": weight.tolist(),
+               "grad_pooled": grad_pooled.tolist(), "tokens": "all", "dtype": "float32"}
+    result = _run(_CHILD, variant, json.dumps(payload))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads(result.stdout)
+    assert ours["variant"] == variant
+    pooled, attention, _, _ = _reference([layer.double() for layer in layers], weight.double(),
+                                         grad_pooled.double(), "all")
+    attention_ours = torch.tensor(ours["attention"], dtype=torch.float64)
+    tiny = attention < 1e-30
+    assert tiny.any() and (attention[~tiny] < 1e-20).any(), "the scores do not span exp's range"
+    # Float32 scores of magnitude ~100 carry ~1e-5 absolute rounding, so weights ~1e-5 relative.
+    torch.testing.assert_close(attention_ours, attention, rtol=2e-4, atol=1e-30)
+    torch.testing.assert_close(torch.tensor(ours["pooled"], dtype=torch.float64), pooled,
+                               rtol=2e-4, atol=2e-5)
 
 
 def test_unknown_variant_is_refused_with_the_built_list():

@@ -18,6 +18,7 @@
 #include "common/fused_pool_math.h"
 #include "cpu/blocked_kernels.h"
 #include "cpu/cpu_support.h"
+#include "cpu/vector_exp.h"
 #include "cpu/variant.h"
 
 namespace fastfuse {
@@ -126,11 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
         }
         acc_t head_max = running_max[h], head_sum = running_sum[h];
         rescale[h] = fm::online_softmax_rescale(head_max, head_sum, block_max);
-        for (int64_t j = 0; j < count; ++j) {
-          const acc_t weight_j = fm::softmax_numerator(score_row[j], head_max);
-          head_sum += weight_j;
-          score_row[j] = weight_j;
-        }
+        // p_hn = exp(s_hn - m_h) (fm::softmax_numerator), many at a time (vector_exp.h).
+        exp_shifted(score_row, score_row, count, head_max, acc_t(1));
+        for (int64_t j = 0; j < count; ++j) head_sum += score_row[j];
         running_max[h] = head_max;
         running_sum[h] = head_sum;
         for (int64_t j = count; j < padded_count; ++j) score_row[j] = 0;
@@ -143,9 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     for (int64_t h = 0; h < heads; ++h) {
       const acc_t inverse_sum = fm::softmax_inverse_sum(running_sum[h]);
       acc_t* attention_row = attention_b + h * num_tokens;
-      for (int64_t n = 0; n < num_tokens; ++n) {
-        attention_row[n] = fm::softmax_final(attention_row[n], running_max[h], inverse_sum);
-      }
+      // a_hn = exp(s_hn - m_h) / l_h (fm::softmax_final), many at a time.
+      exp_shifted(attention_row, attention_row, num_tokens, running_max[h], inverse_sum);
       const acc_t* accumulator_row = accumulator + h * padded_dim;
       acc_t* pooled_row = pooled_out + (b * heads + h) * dim;
       // pooled is written once here and read by the next op: streamed (blocked_kernels.h).
