@@ -104,3 +104,30 @@ def test_pooler_rows_upstream_and_fused(machine):
         upstream = impls.build(pooler, TINY, "cpu").double().eval()
         folded = peers.fused(upstream, backend="torch")
         torch.testing.assert_close(folded(tokens), upstream(tokens), rtol=1e-9, atol=1e-12)
+
+
+
+def test_json_load_average_is_taken_at_start_and_at_end(machine, tmp_path, monkeypatch):
+    """machine.loadavg_start is read before the cases run, loadavg_end after them."""
+    import argparse
+    import os
+
+    from fastfuse import bench
+    from fastfuse.bench import runner
+
+    clock = {"now": 1.0}
+    monkeypatch.setattr(os, "getloadavg", lambda: (clock["now"],) * 3)
+
+    def run_cases(cases, names, device, **kwargs):  # the load rises while the cases run
+        clock["now"] = 7.0
+        return [], machine
+
+    monkeypatch.setattr(runner, "run_cases", run_cases)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    path = tmp_path / "bench.json"
+    args = parser.parse_args(["--cases", "vitb-cls+ap-n24", "--impls", "paper", "--no-memory",
+                              "--system-allocator", "--json", str(path)])
+    assert bench.run(args) == 0
+    info = json.loads(path.read_text())["machine"]
+    assert info["loadavg_start"] == [1.0] * 3 and info["loadavg_end"] == [7.0] * 3

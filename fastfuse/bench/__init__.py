@@ -83,7 +83,9 @@ def run(args) -> int:
     from .report import case_shapes, machine_info, print_table, write_json
     from .runner import MODES, run_cases
 
-    started = time.perf_counter()
+    from .report import load_average
+
+    started, load_at_start = time.perf_counter(), load_average()
     if args.json:  # before the run, not after it
         from ..storage import check_writable
         try:
@@ -123,7 +125,8 @@ def run(args) -> int:
     sweep_names = ({axis: [case.name for case in sweep] for axis, sweep in sweeps.items()}
                    if scaling else None)
     if args.json:
-        info = {**machine_info(device, machine, args.quick), "skipped": skipped}
+        info = {**machine_info(device, machine, args.quick), "loadavg_start": load_at_start,
+                "skipped": skipped}
         write_json(args.json, info, cases, records, wall_s, sweep_names)
     if args.plots:
         from .plots import plot_scaling

@@ -28,7 +28,7 @@ def machine_info(device: str, machine, quick: bool) -> dict:
             "bandwidth_gbs": machine.bandwidth_gbs, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "timm": timm_version,
             "fastfuse": __version__, "python": platform.python_version(), "quick": quick,
-            "command": " ".join(sys.argv), "loadavg_start": _loadavg()}
+            "command": " ".join(sys.argv)}
 
 
 def _cpu_name() -> str:
@@ -42,7 +42,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _loadavg():
+def load_average():
     try:
         return list(os.getloadavg())
     except OSError:
@@ -57,7 +57,7 @@ def write_json(path: str, machine: dict, cases, records: list[dict], wall_s: flo
                sweeps: dict[str, list[str]] | None = None) -> None:
     """{"machine": {...}, "cases": {name: shape}, "records": [{impl, case, mode, ms, ...}]},
     plus "sweeps" {axis: [case names]} for a scaling run."""
-    machine = {**machine, "loadavg_end": _loadavg(), "wall_s": wall_s}
+    machine = {**machine, "loadavg_end": load_average(), "wall_s": wall_s}
     payload = {"machine": machine, "cases": case_shapes(cases), "records": records}
     if sweeps is not None:
         payload["sweeps"] = sweeps
