@@ -131,3 +131,15 @@ def test_json_load_average_is_taken_at_start_and_at_end(machine, tmp_path, monke
     assert bench.run(args) == 0
     info = json.loads(path.read_text())["machine"]
     assert info["loadavg_start"] == [1.0] * 3 and info["loadavg_end"] == [7.0] * 3
+
+
+def test_floor_bytes_read_tokens_once_per_pass():
+    """The roofline's bytes (docs/benchmarks.md): float32 tokens read once for inference and
+    twice for training; a gathering case's training step reads its layers once (frozen training
+    gathers once) and its (B, N, D) stack three times."""
+    assert TINY.floor_bytes("infer") == 8 * 6 * 32 * 4
+    assert TINY.floor_bytes("train") == 2 * 8 * 6 * 32 * 4
+    layers = 4 * 3 * 5 * 32 * 4          # B x L x T x D float32
+    stack = 4 * 6 * 32 * 4               # B x N x D float32
+    assert TINY_GATHER.floor_bytes("infer") == layers
+    assert TINY_GATHER.floor_bytes("train") == layers + 3 * stack

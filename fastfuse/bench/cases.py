@@ -50,8 +50,15 @@ class Case:
         return self.batch * self.num_tokens * self.dim * itemsize
 
     def floor_bytes(self, mode: str) -> float:
-        """Bytes the roofline charges: inputs read once for inference, twice for training."""
-        return (2 if mode == "train" else 1) * self.input_bytes()
+        """Bytes the roofline charges: inputs read once for inference, twice for training (the
+        backward reads the tokens again). A gathering case's training step reads its layers once
+        and its (B, N, D) stack of gathered tokens three times (written, then read by the
+        forward and the backward): frozen training gathers once (fastfuse/ops.py)."""
+        if mode != "train":
+            return self.input_bytes()
+        if self.layers:
+            return self.input_bytes() + 3 * self.batch * self.num_tokens * self.dim * 4
+        return 2 * self.input_bytes()
 
 
 def _paper_shape(name: str, batch: int, layers: int, dim: int, heads: int) -> Case:
