@@ -3,7 +3,7 @@
 // resident in cache. Prints GFLOP/s of block_dots (scores) and accumulate_rows (weighted sums),
 // to set beside one-thread sgemm (python -c "import torch; torch.set_num_threads(1); ...").
 //
-//   g++ -O3 -fopenmp -march=x86-64-v4 -std=c++20 -DFASTFUSE_CPU_VARIANT=avx512 -Icsrc \
+//   g++ -O3 -fopenmp -march=x86-64-v4 -std=gnu++20 -DFASTFUSE_CPU_VARIANT=avx512 -Icsrc \
 //       -I"$(python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "include"))')" \
 //       benchmarks/cpu_products.cpp -o /tmp/cpu_products && /tmp/cpu_products
 //

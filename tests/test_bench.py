@@ -106,7 +106,6 @@ def test_pooler_rows_upstream_and_fused(machine):
         torch.testing.assert_close(folded(tokens), upstream(tokens), rtol=1e-9, atol=1e-12)
 
 
-
 def test_json_load_average_is_taken_at_start_and_at_end(machine, tmp_path, monkeypatch):
     """machine.loadavg_start is read before the cases run, loadavg_end after them."""
     import argparse

@@ -80,10 +80,8 @@ def run(args) -> int:
 
     from . import cases as case_lists
     from .impls import available, names
-    from .report import case_shapes, machine_info, print_table, write_json
+    from .report import case_shapes, load_average, machine_info, print_table, write_json
     from .runner import MODES, run_cases
-
-    from .report import load_average
 
     started, load_at_start = time.perf_counter(), load_average()
     if args.json:  # before the run, not after it
